@@ -1,0 +1,377 @@
+"""Noise schedules: ``x_t = alpha(t) x_0 + sigma(t) eps``.
+
+Every schedule exposes, for a tensor ``t`` of times (any shape):
+
+* ``alpha(t)``, ``sigma(t)`` and their time derivatives ``d_alpha(t)``, ``d_sigma(t)``;
+* ``sigma_tilde(t) = sigma / alpha`` (the "VE" noise level of the scaled state ``x / alpha``)
+  and its inverse ``t_from_sigma_tilde``;
+* ``log_snr(t) = log(alpha^2 / sigma^2) = -2 log sigma_tilde`` and its inverse ``t_from_log_snr``;
+* the forward SDE ``dx = f(t) x dt + g(t) dW`` with ``f = d log alpha / dt`` and
+  ``g^2 = d sigma^2 / dt - 2 f sigma^2``.
+
+The probability-flow ODE of every schedule is the same curve in the scaled coordinates
+``y = x / alpha``, ``s = sigma_tilde``: ``dy/ds = (y - x0_hat) / s = eps_hat``. The solvers use this.
+
+Time conventions
+----------------
+Continuous schedules take ``t`` in ``[t_min, t_max]`` (``EDM`` uses ``t = sigma``).
+
+``DiscreteSchedule`` (the DDPM family, SDXL's among them) takes the **model's integer timestep** as
+its time. Its noise levels are ``alphas_cumprod[t - timestep_offset]``:
+
+* ``timestep_offset=0`` (default, diffusers): the UNet sees 0..T-1 and timestep ``k`` has noise
+  level ``alphas_cumprod[k]``; clean data sits at ``t = -1``;
+* ``timestep_offset=1`` (the paper's code): the UNet sees 1..T and timestep ``k`` has noise level
+  ``alphas_cumprod[k - 1]``; clean data sits at ``t = 0``.
+
+``t_clean = timestep_offset - 1`` is where ``sigma = 0``. Between integer timesteps (and between
+``t_clean`` and the first timestep) ``sigma_tilde`` is linearly interpolated, as diffusers'
+Euler scheduler does; at integers ``alpha^2`` equals ``alphas_cumprod`` exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "NoiseSchedule",
+    "VPLinear",
+    "VPCosine",
+    "VE",
+    "EDM",
+    "DiscreteSchedule",
+    "sdxl_schedule",
+    "make_schedule",
+    "SCHEDULES",
+]
+
+
+def _as_tensor(t, like: Tensor | None = None) -> Tensor:
+    if isinstance(t, Tensor):
+        return t
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.get_default_dtype()
+    return torch.as_tensor(t, dtype=dtype)
+
+
+class NoiseSchedule:
+    """Base class. Subclasses implement ``alpha``, ``sigma``, ``d_alpha``, ``d_sigma`` and
+    ``t_from_sigma_tilde``; everything else follows."""
+
+    t_min: float
+    t_max: float
+    #: time at which sigma = 0 (clean data), or None where the schedule never reaches it
+    t_clean: float | None = None
+
+    # --- to implement -------------------------------------------------------------------
+    def alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def t_from_sigma_tilde(self, s: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # --- derived --------------------------------------------------------------------------
+    def sigma_tilde(self, t: Tensor) -> Tensor:
+        """``s(t) = sigma(t) / alpha(t)``, the noise level of ``y = x / alpha``."""
+        t = _as_tensor(t)
+        return self.sigma(t) / self.alpha(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """``lambda(t) = log(alpha^2 / sigma^2)``."""
+        return -2.0 * torch.log(self.sigma_tilde(t))
+
+    def t_from_log_snr(self, lam: Tensor) -> Tensor:
+        """Inverse of ``log_snr``."""
+        lam = _as_tensor(lam)
+        return self.t_from_sigma_tilde(torch.exp(-0.5 * lam))
+
+    def drift(self, t: Tensor) -> Tensor:
+        """``f(t) = d log alpha / dt`` of the forward SDE ``dx = f x dt + g dW``."""
+        t = _as_tensor(t)
+        return self.d_alpha(t) / self.alpha(t)
+
+    def diffusion2(self, t: Tensor) -> Tensor:
+        """``g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2``."""
+        t = _as_tensor(t)
+        sig = self.sigma(t)
+        return 2.0 * sig * self.d_sigma(t) - 2.0 * self.drift(t) * sig**2
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        """``g(t)``."""
+        return torch.sqrt(torch.clamp(self.diffusion2(t), min=0.0))
+
+    def snr(self, t: Tensor) -> Tensor:
+        """``alpha^2 / sigma^2``."""
+        return self.sigma_tilde(t) ** -2
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class VPLinear(NoiseSchedule):
+    """Variance-preserving SDE with linear ``beta(t) = beta_min + t (beta_max - beta_min)``, t in [0, 1].
+
+    ``alpha = exp(-B(t)/2)`` with ``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2``,
+    ``sigma = sqrt(1 - alpha^2)``. Clean data at ``t = 0``.
+    """
+
+    t_clean = 0.0
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        self.beta_min, self.beta_max, self.t_min, self.t_max = beta_min, beta_max, t_min, t_max
+
+    def _int_beta(self, t: Tensor) -> Tensor:
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def _beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def alpha(self, t):
+        t = _as_tensor(t)
+        return torch.exp(-0.5 * self._int_beta(t))
+
+    def sigma(self, t):
+        t = _as_tensor(t)
+        return torch.sqrt(-torch.expm1(-self._int_beta(t)))
+
+    def d_alpha(self, t):
+        t = _as_tensor(t)
+        return -0.5 * self._beta(t) * self.alpha(t)
+
+    def d_sigma(self, t):
+        t = _as_tensor(t)
+        # d/dt sqrt(1 - e^{-B}) = beta e^{-B} / (2 sigma)
+        return 0.5 * self._beta(t) * self.alpha(t) ** 2 / self.sigma(t)
+
+    def t_from_sigma_tilde(self, s):
+        s = _as_tensor(s)
+        # B(t) = log(1 + s^2); solve beta_min t + (d/2) t^2 = B for t >= 0
+        big_b = torch.log1p(s**2)
+        d = self.beta_max - self.beta_min
+        if d == 0:
+            return big_b / self.beta_min
+        return (-self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * d * big_b)) / d
+
+
+class VPCosine(NoiseSchedule):
+    """VP cosine schedule (Nichol & Dhariwal): ``alpha(t) = cos(pi/2 (t + s0)/(1 + s0)) / cos(pi/2 s0/(1 + s0))``,
+    ``sigma = sqrt(1 - alpha^2)``, t in [0, t_max] with t_max < 1 (alpha(1) = 0)."""
+
+    t_clean = 0.0
+
+    def __init__(self, s0: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
+        self.s0, self.t_min, self.t_max = s0, t_min, t_max
+        self._c0 = math.cos(0.5 * math.pi * s0 / (1.0 + s0))
+
+    def _phase(self, t: Tensor) -> Tensor:
+        return 0.5 * math.pi * (t + self.s0) / (1.0 + self.s0)
+
+    def alpha(self, t):
+        t = _as_tensor(t)
+        return torch.cos(self._phase(t)) / self._c0
+
+    def sigma(self, t):
+        t = _as_tensor(t)
+        return torch.sqrt(torch.clamp(1.0 - self.alpha(t) ** 2, min=0.0))
+
+    def d_alpha(self, t):
+        t = _as_tensor(t)
+        return -torch.sin(self._phase(t)) * (0.5 * math.pi / (1.0 + self.s0)) / self._c0
+
+    def d_sigma(self, t):
+        t = _as_tensor(t)
+        return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
+
+    def t_from_sigma_tilde(self, s):
+        s = _as_tensor(s)
+        a = torch.rsqrt(1.0 + s**2)
+        return torch.acos(torch.clamp(a * self._c0, -1.0, 1.0)) * (1.0 + self.s0) / (0.5 * math.pi) - self.s0
+
+
+class VE(NoiseSchedule):
+    """Variance-exploding SDE (Song et al.): ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``,
+    t in [0, 1]. It never reaches sigma = 0 (``t_clean`` is None)."""
+
+    t_clean = None
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 0.0, t_max: float = 1.0):
+        self.sigma_min, self.sigma_max, self.t_min, self.t_max = sigma_min, sigma_max, t_min, t_max
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    def alpha(self, t):
+        t = _as_tensor(t)
+        return torch.ones_like(t)
+
+    def sigma(self, t):
+        t = _as_tensor(t)
+        return self.sigma_min * torch.exp(self._log_ratio * t)
+
+    def d_alpha(self, t):
+        t = _as_tensor(t)
+        return torch.zeros_like(t)
+
+    def d_sigma(self, t):
+        return self._log_ratio * self.sigma(t)
+
+    def t_from_sigma_tilde(self, s):
+        s = _as_tensor(s)
+        return torch.log(s / self.sigma_min) / self._log_ratio
+
+
+class EDM(NoiseSchedule):
+    """EDM / Karras: ``alpha = 1``, ``sigma(t) = t``; t in [sigma_min, sigma_max], clean data at t = 0."""
+
+    t_clean = 0.0
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.t_min, self.t_max = sigma_min, sigma_max
+
+    def alpha(self, t):
+        t = _as_tensor(t)
+        return torch.ones_like(t)
+
+    def sigma(self, t):
+        return _as_tensor(t).clone()
+
+    def d_alpha(self, t):
+        return torch.zeros_like(_as_tensor(t))
+
+    def d_sigma(self, t):
+        return torch.ones_like(_as_tensor(t))
+
+    def t_from_sigma_tilde(self, s):
+        return _as_tensor(s).clone()
+
+
+BetaScheduleName = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+
+
+class DiscreteSchedule(NoiseSchedule):
+    """DDPM-family schedule from the fields of a diffusers scheduler config.
+
+    ``betas``: ``linear`` = linspace(beta_start, beta_end, T); ``scaled_linear`` =
+    linspace(sqrt(beta_start), sqrt(beta_end), T)^2 (SD / SDXL); ``squaredcos_cap_v2`` = the cosine
+    schedule clipped at 0.999. ``alphas_cumprod = cumprod(1 - betas)`` in float64.
+
+    Time is the model's timestep; see the module docstring for ``timestep_offset`` (0 = diffusers,
+    1 = the paper's code) and the interpolation between integers.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: BetaScheduleName = "scaled_linear",
+        timestep_offset: int = 0,
+    ):
+        if beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ValueError(
+                f"beta_schedule={beta_schedule!r} is not supported; allowed: 'linear', 'scaled_linear', 'squaredcos_cap_v2'"
+            )
+        if timestep_offset not in (0, 1):
+            raise ValueError(f"timestep_offset={timestep_offset!r}; allowed: 0 (diffusers) or 1 (paper's code)")
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.beta_start, self.beta_end, self.beta_schedule = beta_start, beta_end, beta_schedule
+        self.timestep_offset = timestep_offset
+        T = self.num_train_timesteps
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        elif beta_schedule == "scaled_linear":
+            # diffusers computes this in float32; keep its exact values so the schedules agree bitwise
+            betas = (torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2).double()
+        else:
+            f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # sigma_tilde table with the clean point (s = 0) prepended: entry j <-> timestep t_clean + j
+        s_tab = torch.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        self._s_table = torch.cat([torch.zeros(1, dtype=torch.float64), s_tab])
+        self.t_clean = float(timestep_offset - 1)
+        self.t_min = float(timestep_offset)
+        self.t_max = float(timestep_offset + T - 1)
+
+    def _table_pos(self, t: Tensor) -> Tensor:
+        return t - self.t_clean
+
+    def sigma_tilde(self, t):
+        t = _as_tensor(t)
+        tab = self._s_table.to(device=t.device)
+        pos = self._table_pos(t.to(torch.float64)).clamp(0, tab.numel() - 1)
+        lo = pos.floor().long().clamp(max=tab.numel() - 2)
+        frac = pos - lo.to(pos.dtype)
+        s = tab[lo] * (1 - frac) + tab[lo + 1] * frac
+        return s.to(t.dtype if t.is_floating_point() else torch.get_default_dtype())
+
+    def _ds_dt(self, t: Tensor) -> Tensor:
+        tab = self._s_table.to(device=t.device)
+        pos = self._table_pos(t.to(torch.float64)).clamp(0, tab.numel() - 1)
+        lo = pos.floor().long().clamp(max=tab.numel() - 2)
+        return (tab[lo + 1] - tab[lo]).to(t.dtype if t.is_floating_point() else torch.get_default_dtype())
+
+    def alpha(self, t):
+        return torch.rsqrt(1.0 + self.sigma_tilde(t) ** 2)
+
+    def sigma(self, t):
+        s = self.sigma_tilde(t)
+        return s * torch.rsqrt(1.0 + s**2)
+
+    def d_alpha(self, t):
+        t = _as_tensor(t)
+        s = self.sigma_tilde(t)
+        return -s * (1.0 + s**2) ** -1.5 * self._ds_dt(t)
+
+    def d_sigma(self, t):
+        t = _as_tensor(t)
+        s = self.sigma_tilde(t)
+        return (1.0 + s**2) ** -1.5 * self._ds_dt(t)
+
+    def t_from_sigma_tilde(self, s):
+        s = _as_tensor(s)
+        tab = self._s_table.to(device=s.device)
+        s64 = s.to(torch.float64).clamp(0, float(tab[-1]))
+        hi = torch.searchsorted(tab, s64.contiguous()).clamp(1, tab.numel() - 1)
+        lo = hi - 1
+        frac = (s64 - tab[lo]) / (tab[hi] - tab[lo])
+        return (lo.to(torch.float64) + frac + self.t_clean).to(s.dtype)
+
+    def alphas_cumprod_at(self, t: Tensor) -> Tensor:
+        """``alpha(t)^2`` (equals ``alphas_cumprod[t - offset]`` at integer timesteps)."""
+        return self.alpha(t) ** 2
+
+
+def sdxl_schedule(timestep_offset: int = 0) -> DiscreteSchedule:
+    """SDXL base: 1000 steps, scaled-linear betas 0.00085 -> 0.012, epsilon prediction."""
+    return DiscreteSchedule(1000, 0.00085, 0.012, "scaled_linear", timestep_offset=timestep_offset)
+
+
+SCHEDULES = {
+    "vp": VPLinear,
+    "vp_cosine": VPCosine,
+    "ve": VE,
+    "edm": EDM,
+    "discrete": DiscreteSchedule,
+    "sdxl": sdxl_schedule,
+}
+
+
+def make_schedule(name: str, **kwargs) -> NoiseSchedule:
+    """Build a schedule by name: one of ``SCHEDULES`` (vp, vp_cosine, ve, edm, discrete, sdxl)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule={name!r} is unknown; allowed: {sorted(SCHEDULES)}")
+    return SCHEDULES[name](**kwargs)
