@@ -1,0 +1,330 @@
+"""Consistency distillation (CD) and Direct CD as one loss with two target providers.
+
+Notation (paper, Vouitsis et al. 2024): grid ``t_0 < t_1 < ... < t_N``; a training pair is a data
+point ``x_0``, an index ``n`` in 1..N and ``x_{t_n} = alpha(t_n) x_0 + sigma(t_n) eps``.
+
+* CD (eq. 4): ``target = f_target( Phi(x_{t_n}, t_n, t_{n-1}), t_{n-1} )`` — one teacher solver
+  step, then the *target* network (EMA of the student, or the student under stop-gradient).
+* Direct CD (eq. 5): ``target = f_solver(x_{t_n}, t_n, t_0)`` — the teacher solver run through every
+  grid point down to ``t_0``; no target network.
+
+Loss: ``lambda(t_n) d( f_theta(x_{t_n}, t_n), target )`` averaged over the batch.
+
+Index drawing: ``"per_sample"`` (each sample its own n ~ U{1..N}, as the paper) or ``"shared"``
+(one n ~ U{1..N} for the batch). Each sample's pair (x_0, n) has the same marginal law under both.
+For Direct CD the sequential teacher depth is ``max_b n_b`` per iteration under per-sample drawing
+(expectation ``~ N B / (B + 1)``) against ``n`` under the shared scheme (expectation ``(N + 1)/2``);
+``expected_direct_cd_cost`` gives both exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from .denoisers import Denoiser, broadcast_time
+from .schedules import NoiseSchedule
+from .solvers import Solver, get_solver, solve
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "draw_indices",
+    "add_noise",
+    "TargetOut",
+    "CDTarget",
+    "DirectCDTarget",
+    "PrecomputedTarget",
+    "make_target_provider",
+    "DISTANCES",
+    "get_distance",
+    "WEIGHTINGS",
+    "get_weighting",
+    "consistency_loss",
+    "expected_direct_cd_cost",
+    "same_randomness",
+]
+
+IndexScheme = Literal["per_sample", "shared"]
+
+
+def draw_indices(batch_size: int, num_steps: int, scheme: IndexScheme = "per_sample",
+                 generator: torch.Generator | None = None, device: Any = None) -> Tensor:
+    """Grid indices n in {1, ..., N}: i.i.d. per sample, or one shared by the batch."""
+    if scheme == "per_sample":
+        n = torch.randint(1, num_steps + 1, (batch_size,), generator=generator)
+    elif scheme == "shared":
+        n = torch.randint(1, num_steps + 1, (1,), generator=generator).expand(batch_size).clone()
+    else:
+        raise ValueError(f"index_scheme={scheme!r}; allowed: 'per_sample', 'shared'")
+    return n.to(device) if device is not None else n
+
+
+def expected_direct_cd_cost(num_steps: int, batch_size: int) -> dict[str, float]:
+    """Expected teacher solver steps per Direct CD iteration.
+
+    ``per_sample_depth`` = E[max of B i.i.d. U{1..N}] = sum_{k=1}^{N} (1 - ((k-1)/N)^B) (~ N B/(B+1));
+    ``shared_depth`` = E[n] = (N + 1)/2; ``sample_evals_per_sample`` = E[n] = (N + 1)/2 steps per
+    sample when only active samples are evaluated (odecm's ``solve``), for either scheme.
+    """
+    N, B = num_steps, batch_size
+    e_max = sum(1.0 - ((k - 1) / N) ** B for k in range(1, N + 1))
+    return {"per_sample_depth": e_max, "shared_depth": (N + 1) / 2, "approx_NB_over_B1": N * B / (B + 1),
+            "sample_evals_per_sample": (N + 1) / 2}
+
+
+def add_noise(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """``x_t = alpha(t) x0 + sigma(t) noise`` with per-sample ``t``."""
+    return broadcast_time(schedule.alpha(t), x0) * x0 + broadcast_time(schedule.sigma(t), x0) * noise
+
+
+class same_randomness:
+    """Context manager that runs a block with a given CPU (and CUDA) RNG state and restores the
+    outer state afterwards (``torch.random.fork_rng``), so that e.g. the target network sees the
+    same dropout masks as the student did."""
+
+    def __init__(self, state: tuple[Tensor, list[Tensor] | None]):
+        self.state = state
+        self._fork = None
+
+    @staticmethod
+    def capture() -> tuple[Tensor, list[Tensor] | None]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return torch.get_rng_state(), cuda
+
+    def __enter__(self):
+        devices = list(range(torch.cuda.device_count())) if self.state[1] is not None else []
+        self._fork = torch.random.fork_rng(devices=devices)
+        self._fork.__enter__()
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state_all(self.state[1])
+        return self
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+@dataclass
+class TargetOut:
+    """A target tensor and what it cost: ``calls`` batched teacher calls, ``evals`` sample
+    evaluations, ``steps`` sequential solver steps."""
+
+    value: Tensor
+    calls: int = 0
+    evals: int = 0
+    steps: int = 0
+
+
+def _grid_at(grid: Tensor, n: Tensor, like: Tensor) -> Tensor:
+    return grid.to(device=like.device)[n.to(like.device)].to(like.dtype if like.is_floating_point() else torch.float32)
+
+
+class CDTarget:
+    """CD target (eq. 4): one teacher solver step ``t_n -> t_{n-1}``, then ``target_fn`` at ``t_{n-1}``.
+
+    ``target_fn(x, t, cond)`` is the target consistency function (EMA copy of the student, or the
+    student itself — gradients are stopped here either way)."""
+
+    method = "cd"
+
+    def __init__(self, teacher: Denoiser, solver: Solver | str, grid: Tensor, target_fn: Callable[..., Tensor]):
+        self.teacher = teacher
+        self.solver = get_solver(solver) if isinstance(solver, str) else solver
+        self.grid = grid
+        self.target_fn = target_fn
+
+    @torch.no_grad()
+    def __call__(self, x_tn: Tensor, n: Tensor, cond: Any = None, rng_state=None) -> TargetOut:
+        from .denoisers import NFECounter
+
+        teacher = NFECounter(self.teacher)
+        t_n, t_prev = _grid_at(self.grid, n, x_tn), _grid_at(self.grid, n - 1, x_tn)
+        x_prev = self.solver.step(teacher, x_tn, t_n, t_prev, cond)
+        if rng_state is not None:
+            with same_randomness(rng_state):
+                value = self.target_fn(x_prev, t_prev, cond)
+        else:
+            value = self.target_fn(x_prev, t_prev, cond)
+        return TargetOut(value.detach(), teacher.calls, teacher.evals, 1)
+
+
+class DirectCDTarget:
+    """Direct CD target (eq. 5): the teacher solver from each sample's ``t_n`` down to ``t_0``.
+
+    ``mask_mode="subset"`` evaluates only active samples (no waste); ``"full"`` evaluates the whole
+    batch each step and masks updates, as the paper's code does."""
+
+    method = "direct_cd"
+
+    def __init__(self, teacher: Denoiser, solver: Solver | str, grid: Tensor,
+                 mask_mode: Literal["subset", "full"] = "subset"):
+        self.teacher = teacher
+        self.solver = get_solver(solver) if isinstance(solver, str) else solver
+        self.grid = grid
+        self.mask_mode = mask_mode
+
+    @torch.no_grad()
+    def __call__(self, x_tn: Tensor, n: Tensor, cond: Any = None, rng_state=None) -> TargetOut:
+        res = solve(self.solver, self.teacher, x_tn, self.grid, n, cond, mask_mode=self.mask_mode)
+        return TargetOut(res.x, res.calls, res.evals, res.steps)
+
+
+class PrecomputedTarget:
+    """Targets computed beforehand (Direct CD targets do not depend on the student): the caller
+    passes ``target=`` to ``consistency_loss``; this provider only refuses to be called without it."""
+
+    method = "direct_cd"
+
+    def __call__(self, x_tn, n, cond=None, rng_state=None) -> TargetOut:  # pragma: no cover - guard
+        raise RuntimeError("PrecomputedTarget: pass the stored target to consistency_loss(target=...)")
+
+
+def make_target_provider(method: str, teacher: Denoiser, solver: Solver | str, grid: Tensor,
+                         target_fn: Callable | None = None, mask_mode: str = "subset"):
+    """``"cd"`` -> CDTarget (needs ``target_fn``), ``"direct_cd"`` -> DirectCDTarget."""
+    if method == "cd":
+        if target_fn is None:
+            raise ValueError("method='cd' needs a target_fn (EMA copy or the student under stop-gradient)")
+        return CDTarget(teacher, solver, grid, target_fn)
+    if method == "direct_cd":
+        return DirectCDTarget(teacher, solver, grid, mask_mode=mask_mode)  # type: ignore[arg-type]
+    raise ValueError(f"method={method!r}; allowed: 'cd', 'direct_cd'")
+
+
+# --- distances: (a, b) -> per-sample values (B,) --------------------------------------------------
+
+def _flat(d: Tensor) -> Tensor:
+    return d.reshape(d.shape[0], -1)
+
+
+def _diff(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b`` in at least float32 (losses are fp32 even when the networks run in bf16)."""
+    d = a - b
+    return d.float() if d.dtype in (torch.float16, torch.bfloat16) else d
+
+
+def l2_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per sample: ``mean_i (a_i - b_i)^2`` (the paper's plain L2 / MSE)."""
+    return _flat(_diff(a, b) ** 2).mean(dim=1)
+
+
+def l1_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean absolute error per sample."""
+    return _flat(_diff(a, b).abs()).mean(dim=1)
+
+
+def pseudo_huber_distance(a: Tensor, b: Tensor, c: float = 0.001) -> Tensor:
+    """``sqrt(||a - b||^2 / D + c^2) - c`` per sample (Song & Dhariwal 2023, with the squared norm
+    normalised by the dimension D so that ``c`` is per-element, as LCM's ``huber_c``)."""
+    return torch.sqrt(_flat(_diff(a, b) ** 2).mean(dim=1) + c * c) - c
+
+
+DISTANCES: dict[str, Callable[..., Tensor]] = {"l2": l2_distance, "l1": l1_distance, "pseudo_huber": pseudo_huber_distance}
+
+
+def get_distance(name: str | Callable, **kwargs) -> Callable[[Tensor, Tensor], Tensor]:
+    """A named distance (l2, l1, pseudo_huber with ``c``) or any callable ``(a, b) -> (B,)`` —
+    the hook for perceptual distances such as LPIPS."""
+    if callable(name):
+        return name
+    if name not in DISTANCES:
+        raise ValueError(f"distance={name!r} is unknown; allowed: {sorted(DISTANCES)} or a callable")
+    fn = DISTANCES[name]
+    if kwargs:
+        return lambda a, b: fn(a, b, **kwargs)
+    return fn
+
+
+# --- weightings lambda(t_n) -----------------------------------------------------------------------
+
+def _uniform_weight(schedule, grid, n):
+    return torch.ones(n.shape[0], dtype=torch.float64)
+
+
+def _snr_weight(schedule, grid, n):
+    """``lambda = SNR(t_n) = alpha^2 / sigma^2``."""
+    return schedule.snr(grid.double()[n.cpu()])
+
+
+def _karras_weight(schedule, grid, n):
+    """``lambda = 1 / (s(t_n) - s(t_{n-1}))`` in sigma_tilde (Song & Dhariwal 2023)."""
+    g = grid.double()
+    return 1.0 / (schedule.sigma_tilde(g[n.cpu()]) - schedule.sigma_tilde(g[n.cpu() - 1]))
+
+
+WEIGHTINGS = {"uniform": _uniform_weight, "snr": _snr_weight, "karras": _karras_weight}
+
+
+def get_weighting(name: str) -> Callable[[NoiseSchedule, Tensor, Tensor], Tensor]:
+    if name not in WEIGHTINGS:
+        raise ValueError(f"weighting={name!r} is unknown; allowed: {sorted(WEIGHTINGS)}")
+    return WEIGHTINGS[name]
+
+
+# --- the loss ------------------------------------------------------------------------------------
+
+def consistency_loss(
+    student_fn: Callable[..., Tensor],
+    provider: CDTarget | DirectCDTarget | PrecomputedTarget,
+    x0: Tensor | None,
+    n: Tensor,
+    grid: Tensor,
+    schedule: NoiseSchedule,
+    cond: Any = None,
+    noise: Tensor | None = None,
+    x_tn: Tensor | None = None,
+    target: Tensor | None = None,
+    distance: str | Callable = "l2",
+    weighting: str = "uniform",
+    generator: torch.Generator | None = None,
+    share_randomness: bool = True,
+) -> dict[str, Any]:
+    """One CD / Direct CD loss evaluation, returned as a dict of named terms.
+
+    Recipe:
+      1. ``x_{t_n} = alpha(t_n) x_0 + sigma(t_n) eps`` (or take ``x_tn`` as given);
+      2. target from the provider under no_grad (or ``target`` when precomputed); for CD the target
+         network runs with the same RNG state as the student (shared dropout);
+      3. student ``f_theta(x_{t_n}, t_n)``;
+      4. ``loss = mean_b lambda(t_n_b) d(f_theta, target)_b``.
+
+    Returns ``loss`` (scalar with grad), ``distance`` (unweighted batch mean, detached),
+    ``per_sample`` (B,), ``weights`` (B,), ``target_calls`` / ``target_evals`` / ``target_steps``
+    (teacher cost), ``x_tn``, ``prediction`` and ``target``.
+    """
+    if x_tn is None:
+        if x0 is None:
+            raise ValueError("pass x0 (and optionally noise) or x_tn")
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
+        x_tn = add_noise(schedule, x0, _grid_at(grid, n, x0), noise)
+    t_n = _grid_at(grid, n, x_tn)
+    rng_state = same_randomness.capture() if share_randomness else None
+    if target is None:
+        if rng_state is not None:
+            with same_randomness(rng_state):  # teacher/target randomness never advances the student's
+                out = provider(x_tn, n, cond, rng_state=rng_state)
+        else:
+            out = provider(x_tn, n, cond)
+    else:
+        out = TargetOut(target)
+    # the target ran in a fork of the RNG state captured above, so the student now draws the same
+    # dropout masks from the (unchanged) global generator, which then advances as usual
+    pred = student_fn(x_tn, t_n, cond)
+    per_sample = get_distance(distance)(pred, out.value.to(pred.dtype))
+    weights = get_weighting(weighting)(schedule, grid, n).to(device=per_sample.device, dtype=per_sample.dtype)
+    loss = (weights * per_sample).mean()
+    return {
+        "loss": loss,
+        "distance": float(per_sample.detach().mean()),
+        "per_sample": per_sample.detach(),
+        "weights": weights,
+        "target_calls": out.calls,
+        "target_evals": out.evals,
+        "target_steps": out.steps,
+        "x_tn": x_tn,
+        "prediction": pred,
+        "target": out.value,
+    }

@@ -1,0 +1,118 @@
+"""The generic loop: EMA target, checkpoint/resume, non-finite guard."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gaussian_problem import GaussianDenoiser, LinearPerIndexStudent
+from odecm import grids, objectives as O, schedules
+from odecm.consistency import ConsistencyFunction, LCMBoundary
+from odecm.training import EMATarget, NonFiniteLossError, Trainer, TrainerConfig, latest_checkpoint
+
+MEAN = torch.tensor([0.3, -0.2], dtype=torch.float64)
+
+
+def test_ema_update_is_numerically_correct_and_rate_zero_is_stop_gradient():
+    student = torch.nn.Linear(3, 2)
+    ema = EMATarget(student, rate=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema.update()
+    for k, v in ema.module.state_dict().items():
+        expected = 0.9 * before[k] + 0.1 * student.state_dict()[k]
+        assert torch.allclose(v, expected, atol=1e-7)
+    assert all(not p.requires_grad for p in ema.module.parameters())
+    # rate 0: the target is the online student itself, evaluated without gradients
+    sg = EMATarget(student, rate=0.0)
+    assert sg.is_stop_gradient and sg.network is student
+    x = torch.randn(4, 3)
+    out = sg(x)
+    assert torch.equal(out, student(x)) and not out.requires_grad
+    # an EMA with rate 0 written out longhand equals the stop-gradient target after an update
+    longhand = EMATarget(student, rate=0.5)
+    longhand.rate = 0.0
+    longhand.update()
+    assert torch.equal(longhand.module(x), sg(x))
+    with pytest.raises(ValueError, match="ema_rate"):
+        EMATarget(student, rate=1.0)
+
+
+def _make_trainer(out_dir, steps, nan_after=None, ema=0.0, checkpoint_every=2, max_nonfinite=3):
+    torch.manual_seed(0)
+    sch = schedules.sdxl_schedule()
+    grid = grids.skip(sch, 5)
+    teacher = GaussianDenoiser(sch, MEAN, 0.25)
+    student = LinearPerIndexStudent(sch, grid, 2)
+    f = ConsistencyFunction(student, LCMBoundary())
+    target = EMATarget(f, ema)
+    provider = O.CDTarget(teacher, "ddim", grid, target)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+
+    def loss_fn(step, gen):
+        x0 = MEAN + 0.5 * torch.randn(32, 2, generator=gen, dtype=torch.float64)
+        terms = O.consistency_loss(f, provider, x0, O.draw_indices(32, 5, generator=gen), grid, sch, generator=gen)
+        if nan_after is not None and step >= nan_after:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    cfg = TrainerConfig(steps=steps, checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite, progress=False)
+    return Trainer(f, opt, loss_fn, out_dir, cfg, target=target, lr_scheduler=sched), student
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_resume_matches_uninterrupted_run(tmp_path, ema):
+    full, student_full = _make_trainer(tmp_path / "full", 8, ema=ema)
+    full.run()
+    first, _ = _make_trainer(tmp_path / "split", 4, ema=ema)
+    first.run()
+    # "kill": a fresh process object resumes from the latest checkpoint and continues to 8
+    second, student_resumed = _make_trainer(tmp_path / "split", 8, ema=ema)
+    # scramble its RNGs to prove they are restored from the checkpoint
+    torch.manual_seed(1234)
+    second.run(resume="latest")
+    assert second.step == 8
+    for a, b in zip(student_full.parameters(), student_resumed.parameters()):
+        assert torch.equal(a, b)
+    if ema:
+        for a, b in zip(full.target.module.parameters(), second.target.module.parameters()):
+            assert torch.equal(a, b)
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert {"loss", "grad_norm", "target_evals", "time_s"} <= set(log[0])
+
+
+def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+    trainer, student = _make_trainer(tmp_path, 20, nan_after=4, checkpoint_every=2, max_nonfinite=3)
+    with pytest.raises(NonFiniteLossError, match="non-finite.*Last good checkpoint"):
+        trainer.run()
+    assert trainer.nonfinite == 4
+    last = latest_checkpoint(tmp_path)
+    assert last is not None and last.name == "step_0000004"
+    weights = load_file(str(last / "student.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # skipped steps did not touch the weights: they still equal the step-4 checkpoint
+    assert torch.equal(weights["denoiser.a"], student.a.detach())
+    fresh, _ = _make_trainer(tmp_path, 20)
+    fresh.load_checkpoint(last)
+    assert fresh.step == 4
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    trainer, _ = _make_trainer(tmp_path, 2, checkpoint_every=2)
+    trainer.run()
+    good = latest_checkpoint(tmp_path)
+    trainer.step = 3
+    import odecm.training as T
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(T.torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert latest_checkpoint(tmp_path) == good  # the pointer still names the last complete checkpoint
+    assert not (tmp_path / "checkpoints" / "step_0000003").exists()
