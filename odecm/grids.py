@@ -7,8 +7,9 @@
   for n = 1..N and ``t_0 = 0`` (diffusers indexing, N = 100: 0, 9, 19, ..., 999; the paper's
   indexing: 0, 10, ..., 1000);
 * ``leading``: diffusers' "leading" spacing with ``steps_offset`` (SDXL's inference schedulers):
-  ``t_n = (n - 1) (T // N) + steps_offset`` for n = 1..N, and ``t_0`` = ``0`` (DDIM with
+  ``t_n = (n - 1) (T // N) + steps_offset + offset`` for n = 1..N, and ``t_0`` = ``offset`` (DDIM with
   ``set_alpha_to_one=False`` ends at alphas_cumprod[0]) or the clean point (Euler / Heun end at sigma 0).
+  With the paper's indexing (offset 1) every point is diffusers' timestep + 1: the same noise levels.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def leading(schedule: NoiseSchedule, num_steps: int, steps_offset: int = 1,
     if final not in ("first", "clean"):
         raise ValueError(f"final={final!r}; allowed: 'first', 'clean'")
     ratio = sch.num_train_timesteps // num_steps
-    inner = torch.arange(num_steps, dtype=dtype) * ratio + steps_offset
+    # diffusers' timesteps (diffusers indexing), shifted by timestep_offset into the schedule's indexing
+    inner = torch.arange(num_steps, dtype=dtype) * ratio + steps_offset + sch.timestep_offset
     t0 = float(sch.timestep_offset) if final == "first" else sch.t_clean
     return torch.cat([torch.tensor([t0], dtype=dtype), inner])
 
