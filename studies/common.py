@@ -1,0 +1,236 @@
+"""Shared plumbing of the ``python -m studies.<name>`` entry points.
+
+* CLI: ``--config FILE`` (YAML / JSON), ``--set key=value`` (repeatable, dotted keys, YAML values),
+  ``--quick`` (the study's reduced sweep), ``--out DIR`` (default ``results/<study>/<timestamp>``),
+  ``--threads N`` (torch intra-op threads), ``--no-progress``. ``parse_args`` + ``resolve_config``.
+* Config: pydantic models via ``odecm.config.load_config`` — defaults <- quick preset <- file <-
+  ``--set``; unknown keys / bad values raise ``odecm.config.ConfigError`` naming the key and the
+  allowed values.
+* Results folder: ``config.json`` (fully resolved, with the seeds), ``metrics.json``, ``table.md``
+  (also printed), PNG plots (matplotlib, Agg backend).
+* Statistics over seeds: ``stat(values) -> {"mean", "std", "values"}`` (std with ddof = 1) and
+  ``fmt_stat`` ("mean ± std"); the same schema as ``studies.report``.
+* ``seeded(seed)``: a ``torch.Generator`` and the global torch / Python / NumPy RNGs set from one seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TypeVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from odecm.config import ConfigError, load_config
+
+__all__ = [
+    "parse_args",
+    "resolve_config",
+    "results_folder",
+    "save_config",
+    "write_json",
+    "write_table",
+    "markdown_table",
+    "stat",
+    "fmt",
+    "fmt_stat",
+    "seeded",
+    "set_threads",
+    "new_figure",
+    "save_figure",
+    "Timer",
+    "ConfigError",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# --- command line and configuration ------------------------------------------------------------
+
+def parse_args(study: str, argv: Sequence[str] | None = None, description: str = "") -> argparse.Namespace:
+    """The common flags of every study (see module docstring)."""
+    ap = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
+    ap.add_argument("--config", default=None, help="YAML / JSON config file")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable), e.g. --set train.steps=500")
+    ap.add_argument("--quick", action="store_true", help="the reduced sweep (smoke run)")
+    ap.add_argument("--out", default=None, help="results folder (default results/<study>/<timestamp>)")
+    ap.add_argument("--results", default="results", help="results root for the default folder")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: config)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    return ap.parse_args(list(argv) if argv is not None else None)
+
+
+def resolve_config(model: type[M], args: argparse.Namespace, quick: dict[str, Any] | None = None) -> M:
+    """defaults <- ``quick`` (when ``--quick``) <- ``--config`` file <- ``--set`` overrides, validated."""
+    base = dict(quick or {}) if getattr(args, "quick", False) else {}
+    return load_config(model, args.config, args.overrides, base=base)
+
+
+def results_folder(study: str, args: argparse.Namespace | None = None, out: str | Path | None = None) -> Path:
+    """``--out`` if given, else ``<results>/<study>/<YYYYmmdd-HHMMSS>[-quick]`` (never reused)."""
+    out = out or (getattr(args, "out", None) if args is not None else None)
+    if out:
+        path = Path(out)
+    else:
+        root = Path(getattr(args, "results", "results") if args is not None else "results")
+        stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if getattr(args, "quick", False) else "")
+        path = root / study / stamp
+        i = 1
+        while path.exists():
+            path = root / study / f"{stamp}~{i}"
+            i += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """JSON with tensors / numpy scalars / pydantic models converted (non-finite floats -> null)."""
+    path = Path(path)
+    path.write_text(json.dumps(_clean(data), indent=2, default=_jsonable))
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def save_config(folder: str | Path, config: BaseModel, **extra: Any) -> Path:
+    """``config.json``: the fully resolved config plus ``extra`` (seeds, argv, versions, ...)."""
+    data = {"config": config.model_dump(mode="json"), **extra,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return write_json(Path(folder) / "config.json", data)
+
+
+def write_table(folder: str | Path, table: str, name: str = "table.md", echo: bool = True) -> Path:
+    path = Path(folder) / name
+    path.write_text(table.rstrip() + "\n")
+    if echo:
+        print(table)
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table; cells are formatted with ``fmt`` unless already strings."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+# --- statistics over seeds ----------------------------------------------------------------------
+
+def stat(values: Iterable[float]) -> dict[str, Any]:
+    """``{"mean", "std", "values"}`` of per-seed values (std with ddof = 1; 0 for one value)."""
+    v = [float(x) for x in values]
+    if not v:
+        return {"mean": float("nan"), "std": float("nan"), "values": []}
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return {"mean": m, "std": s, "values": v}
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """3 significant digits; scientific notation outside [1e-3, 1e4)."""
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.{digits}g}"
+    return f"{x:.{max(digits - 1, 0)}e}"
+
+
+def fmt_stat(s: dict[str, Any] | None) -> str:
+    """``mean ± std`` (just the mean for a single value)."""
+    if not s:
+        return "-"
+    if len(s.get("values", [])) > 1:
+        return f"{fmt(s['mean'])} ± {fmt(s['std'], 2)}"
+    return fmt(s["mean"])
+
+
+# --- randomness and resources ---------------------------------------------------------------------
+
+def seeded(seed: int) -> torch.Generator:
+    """Seed torch's, Python's and NumPy's global RNGs with ``seed``; return ``Generator(seed)`` for
+    code that takes explicit generators (the convention in odecm / toys)."""
+    torch.manual_seed(int(seed))
+    random.seed(int(seed))
+    np.random.seed(int(seed) % (2**32))
+    return torch.Generator().manual_seed(int(seed))
+
+
+def set_threads(n: int | None) -> None:
+    """Torch intra-op threads. The toy studies use tiny tensors on shared 2-core machines, where
+    1 thread is fastest (thread wake-ups cost more than they save)."""
+    if n:
+        torch.set_num_threads(int(n))
+        os.environ.setdefault("OMP_NUM_THREADS", str(int(n)))
+
+
+class Timer:
+    """``with Timer() as t: ...``; ``t.seconds`` afterwards."""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (3.2, 3.0), **kw):
+    """``(fig, axes)`` with the Agg backend (no display needed); ``axes`` always a 2D array."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
+    return fig, axes
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Tight layout (inside ``rect`` of the figure, e.g. leaving room for a legend), save, close."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
