@@ -237,17 +237,20 @@ class CFGDenoiser(Denoiser):
     def __init__(
         self,
         inner: Denoiser,
-        guidance_scale: float,
+        guidance_scale: float | Tensor,
         convention: CFGConvention,
         uncond: Any | Callable[[Any], Any] = zeros_like_cond,
     ):
         super().__init__(inner.schedule)
         if convention not in ("lcm", "imagen"):
             raise ValueError(f"convention={convention!r}; allowed: 'lcm', 'imagen'")
-        self.inner, self.guidance_scale, self.convention, self.uncond = inner, float(guidance_scale), convention, uncond
+        if not isinstance(guidance_scale, Tensor):
+            guidance_scale = float(guidance_scale)
+        self.inner, self.guidance_scale, self.convention, self.uncond = inner, guidance_scale, convention, uncond
 
     @property
-    def imagen_scale(self) -> float:
+    def imagen_scale(self) -> float | Tensor:
+        """The scale in the imagen convention: a float, or a per-sample tensor ``(B,)``."""
         return self.guidance_scale if self.convention == "imagen" else imagen_from_lcm(self.guidance_scale)
 
     def _uncond_for(self, cond: Any, batch: int) -> Any:
@@ -256,7 +259,9 @@ class CFGDenoiser(Denoiser):
 
     def forward(self, x, t, cond=None):
         w = self.imagen_scale
-        if w == 1.0:
+        if isinstance(w, Tensor):
+            w = broadcast_time(w, x)
+        elif w == 1.0:
             return self.inner(x, t, cond)
         uncond = self._uncond_for(cond, x.shape[0])
         both = self.inner(torch.cat([x, x]), torch.cat([t, t]), concat_cond(cond, uncond))

@@ -60,10 +60,13 @@ class EMATarget:
     ``rate > 0``: a frozen deep copy updated as ``p_target <- rate p_target + (1 - rate) p_student``.
     ``rate == 0``: no copy — the target *is* the online student, called under ``torch.no_grad()``
     (stop-gradient); numerically identical to an EMA with rate 0, without the memory.
-    ``params`` restricts the EMA to a subset of parameter names (e.g. LoRA weights only).
+    ``params`` restricts the EMA to a subset of parameter names (e.g. LoRA weights only);
+    ``copy_fn`` makes the target copy (default ``copy.deepcopy``; a LoRA student can share its
+    frozen base weights with the copy instead of duplicating them).
     """
 
-    def __init__(self, student: nn.Module, rate: float, params: Callable[[str], bool] | None = None):
+    def __init__(self, student: nn.Module, rate: float, params: Callable[[str], bool] | None = None,
+                 copy_fn: Callable[[nn.Module], nn.Module] = copy.deepcopy):
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"target.ema_rate={rate!r}; allowed: 0 <= rate < 1 (0 = stop-gradient)")
         self.rate = float(rate)
@@ -71,7 +74,7 @@ class EMATarget:
         self.select = params or (lambda name: True)
         self.module: nn.Module | None = None
         if self.rate > 0:
-            self.module = copy.deepcopy(student)
+            self.module = copy_fn(student)
             self.module.requires_grad_(False)
 
     @property

@@ -127,3 +127,22 @@ def test_cfg_custom_uncond_structure_and_callable():
     torch.testing.assert_close(CFGDenoiser(inner, 3.0, "imagen", uncond=lambda c: null_b)(x, t, cond).eps, expected)
     # a batch-1 structure (e.g. one null-prompt embedding dict) is expanded to the batch
     torch.testing.assert_close(CFGDenoiser(inner, 3.0, "imagen", uncond=null)(x, t, cond).eps, expected)
+
+
+def test_cfg_per_sample_guidance_scale_matches_scalar_runs():
+    """A (B,) tensor of scales gives, per sample, what the scalar CFG wrapper gives."""
+    import torch
+    from odecm import schedules
+    from odecm.denoisers import CFGDenoiser, EpsDenoiser
+
+    sch = schedules.sdxl_schedule()
+    inner = EpsDenoiser(lambda x, t, c: torch.tanh(x + c), sch)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    cond = torch.randn(3, 2, dtype=torch.float64)
+    t = torch.tensor([10.0, 500.0, 900.0], dtype=torch.float64)
+    scales = torch.tensor([1.0, 3.0, 9.0], dtype=torch.float64)
+    for conv in ("imagen", "lcm"):
+        batched = CFGDenoiser(inner, scales, conv)(x, t, cond).eps
+        for i in range(3):
+            single = CFGDenoiser(inner, float(scales[i]), conv)(x[i:i + 1], t[i:i + 1], cond[i:i + 1]).eps
+            assert torch.allclose(batched[i:i + 1], single, atol=1e-12)
