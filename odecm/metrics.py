@@ -53,5 +53,21 @@ def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> fl
 
 
 def frechet_distance_features(f1: Tensor, f2: Tensor) -> float:
-    """Frechet distance between the Gaussian fits of two feature sets ``(n1, d)``, ``(n2, d)``."""
-    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    """Frechet distance between the Gaussian fits of two feature sets ``(n1, d)``, ``(n2, d)``.
+
+    With few samples (``max(n1, n2) <= d``, e.g. 2048-d Inception features of a few hundred images)
+    it uses the exact low-rank form: with centred features ``A_i`` and ``C_i = A_i^T A_i / (n_i - 1)``,
+    the nonzero eigenvalues of ``C1^{1/2} C2 C1^{1/2}`` are those of ``C2 C1``, i.e. the squared
+    singular values of ``A2 A1^T / sqrt((n1-1)(n2-1))``, so
+    ``FD = |mu1 - mu2|^2 + |A1|_F^2/(n1-1) + |A2|_F^2/(n2-1) - 2 sum_j s_j(A2 A1^T) / sqrt((n1-1)(n2-1))``
+    (an n1 x n2 SVD instead of d x d eigendecompositions). Otherwise the covariance form. float64."""
+    n1, n2 = f1.shape[0], f2.shape[0]
+    a1, a2 = f1.double().reshape(n1, -1), f2.double().reshape(n2, -1)
+    if max(n1, n2) > a1.shape[1]:
+        return frechet_distance(*feature_stats(a1), *feature_stats(a2))
+    if min(n1, n2) < 2:
+        raise ValueError("need at least 2 feature vectors per set")
+    mu1, mu2 = a1.mean(0), a2.mean(0)
+    a1, a2 = a1 - mu1, a2 - mu2
+    tr_sqrt = torch.linalg.svdvals(a2 @ a1.T).sum() / ((n1 - 1) * (n2 - 1)) ** 0.5
+    return float(((mu1 - mu2) ** 2).sum() + (a1**2).sum() / (n1 - 1) + (a2**2).sum() / (n2 - 1) - 2 * tr_sqrt)

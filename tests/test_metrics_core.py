@@ -76,3 +76,17 @@ def test_ode_error_value():
     assert ode_error(b, b) == 0.0
     with pytest.raises(ValueError, match="shapes"):
         ode_error(a, b[:1])
+
+
+def test_lowrank_frechet_path_matches_covariance_form():
+    """With fewer samples than dimensions frechet_distance_features uses an n1 x n2 SVD; it must
+    equal the d x d covariance formula (and scipy)."""
+    from odecm.metrics import feature_stats
+
+    g = torch.Generator().manual_seed(5)
+    f1 = torch.randn(7, 40, generator=g, dtype=torch.float64) * 2 + 1
+    f2 = torch.randn(9, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64) * 0.3
+    dense = frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    assert frechet_distance_features(f1, f2) == pytest.approx(dense, rel=1e-7)
+    assert frechet_distance_features(f1, f2) == pytest.approx(_scipy_fd(f1.numpy(), f2.numpy()), rel=1e-6)
+    assert abs(frechet_distance_features(f1, f1)) < 1e-9

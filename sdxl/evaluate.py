@@ -1,0 +1,161 @@
+"""Evaluate a student sample set against its teacher reference: ``python -m sdxl.evaluate --set samples=DIR``.
+
+For each k in the sample set (``k1``, ``k2``, ``k4``), paired by caption index with the teacher:
+
+* ``ode_error_latent`` — ``E = mean_{i, elements} (z_student^(i) - z_teacher^(i))^2`` in latent space
+  (``odecm.metrics.ode_error``; for k = 1 this is the paper's eq. 6, ``f_theta(x_T, T)`` vs
+  ``f_solver(x_T, T, 0)``; for k > 1 the same distance for the multistep sample);
+* ``ode_error_pixel`` — the same on the decoded images in ``[-1, 1]`` (the VAE's output range,
+  read back from the 8-bit PNGs);
+* ``fid_teacher`` / ``fd_dino_teacher`` — Frechet distances (``sdxl.features.frechet_distance``) of Inception / DINOv2 features of the
+  student's images against the teacher's (the paper's protocol); ``fid_real`` / ``fd_dino_real``
+  against a folder of real images when ``real_images`` is given (each resized, shorter side, and
+  centre-cropped to the samples' resolution);
+* ``clip_score`` — mean cosine between CLIP ViT-L/14 image and caption embeddings (not x 100);
+* ``aesthetic`` — mean LAION aesthetic score.
+
+The teacher's own images get ``clip_score``, ``aesthetic`` and the ``*_real`` distances (the
+teacher row of Table 1). Missing weights skip their metrics (``skipped`` in ``metrics.json``
+says what to download); everything else runs. Writes ``metrics.json``, ``table.md`` and the
+resolved config to ``out_dir`` (default ``<samples>/eval``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+from odecm.metrics import ode_error
+
+from .eval_config import EvaluateConfig, cli_config
+from .features import (ExtractorSpec, ImageSet, clip_score, extract_features, extract_text_features,
+                       frechet_distance, load_extractors, load_images)
+from .reference import read_latents
+
+__all__ = ["pixel_ode_error", "image_metrics", "evaluate", "metrics_table", "COLUMNS"]
+
+#: (metrics.json key, table header) in table order
+COLUMNS = [("ode_error_latent", "E (latent)"), ("ode_error_pixel", "E (pixel)"), ("fid_teacher", "FID vs teacher"),
+           ("fd_dino_teacher", "FD-DINO vs teacher"), ("fid_real", "FID vs real"), ("fd_dino_real", "FD-DINO vs real"),
+           ("clip_score", "CLIP"), ("aesthetic", "Aesthetic")]
+
+
+def pixel_ode_error(a: ImageSet, b: ImageSet, batch_size: int = 32) -> float:
+    """``mean (x_a - x_b)^2`` over images and pixels, images mapped to [-1, 1]."""
+    if len(a) != len(b):
+        raise ValueError(f"image sets differ in size: {len(a)} vs {len(b)}")
+    total, count = 0.0, 0
+    for s in range(0, len(a), batch_size):
+        idx = list(range(s, min(len(a), s + batch_size)))
+        xa, xb = a.load(idx) * 2 - 1, b.load(idx) * 2 - 1
+        total += float(((xa.double() - xb.double()) ** 2).sum())
+        count += xa.numel()
+    return total / count
+
+
+def image_metrics(images: ImageSet, captions: list[str], extractors: dict[str, Any], cfg: EvaluateConfig,
+                  against: dict[str, ImageSet]) -> dict[str, float]:
+    """Frechet distances of ``images`` against each set in ``against`` (suffix = its key), CLIP score, aesthetic."""
+    out: dict[str, float] = {}
+    kw = dict(cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, progress=cfg.progress)
+    for name, prefix in (("inception", "fid"), ("dinov2", "fd_dino")):
+        if name not in extractors:
+            continue
+        f = extract_features(extractors[name], images, **kw)
+        for suffix, other in against.items():
+            out[f"{prefix}_{suffix}"] = frechet_distance(f, extract_features(extractors[name], other, **kw))
+    if "clip" in extractors:
+        e_img = extract_features(extractors["clip"], images, **kw)
+        e_txt = extract_text_features(extractors["clip"], captions, cache_dir=cfg.cache_dir)
+        out["clip_score"] = float(clip_score(e_img, e_txt).mean())
+        if "aesthetic" in extractors:
+            out["aesthetic"] = float(extractors["aesthetic"](e_img).double().mean())
+    return out
+
+
+def evaluate(cfg: EvaluateConfig, extractors: dict[str, Any] | None = None, skipped: dict[str, str] | None = None) -> dict:
+    """Compute all metrics for every k of ``cfg.samples``; returns (and writes) the metrics dict."""
+    samples = Path(cfg.samples)
+    sman = json.loads((samples / "manifest.json").read_text())
+    ref = Path(cfg.reference or sman["reference"])
+    rman = json.loads((ref / "manifest.json").read_text())
+    captions = json.loads((ref / "captions.json").read_text())
+    out_dir = Path(cfg.out_dir or samples / "eval")
+    if extractors is None:
+        w = cfg.weights
+        spec = ExtractorSpec(fid_inception=w.fid_inception, dino=w.dino, clip=w.clip, aesthetic=w.aesthetic,
+                             dino_resolution=w.dino_resolution)
+        from .reference import _device
+
+        extractors, skipped = load_extractors(spec, device=_device(cfg.device))
+    skipped = dict(skipped or {})
+    for msg in skipped.values():
+        print(f"[sdxl.evaluate] {msg}")
+
+    teacher_images = ImageSet.from_folder(ref / "images")
+    _, z_teacher = read_latents(ref)
+    against = {"teacher": teacher_images}
+    if cfg.real_images:
+        # real photos come in many sizes: shorter side -> the teacher's resolution, centre crop
+        size = load_images(teacher_images.paths[:1]).shape[-1]
+        against["real"] = ImageSet.from_folder(cfg.real_images, size=size)
+
+    per_k: dict[str, dict] = {}
+    for k in sman["steps"]:
+        folder = samples / f"k{k}"
+        _, z_student = read_latents(folder)
+        student_images = ImageSet.from_folder(folder / "images")
+        m = {"ode_error_latent": ode_error(z_student, z_teacher),
+             "ode_error_pixel": pixel_ode_error(student_images, teacher_images), "num_samples": len(student_images)}
+        m.update(image_metrics(student_images, captions, extractors, cfg, against))
+        per_k[str(k)] = m
+    teacher_row = image_metrics(teacher_images, captions, extractors, cfg,
+                                {k: v for k, v in against.items() if k != "teacher"})
+    result = {
+        "labels": sman.get("labels", {}), "teacher": {"solver": rman["key"]["solver"], "num_steps": rman["key"]["num_steps"],
+                                                      "guidance_scale": rman["key"]["guidance_scale"], **teacher_row},
+        "k": per_k, "num_captions": len(captions), "skipped": skipped, "samples": str(samples), "reference": str(ref),
+        "config": cfg.model_dump(mode="json"),
+    }
+    from .features import _state
+
+    if not _state().is_main_process:  # every process computed the (gathered) metrics; one writes them
+        return result
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (out_dir / "table.md").write_text(metrics_table(result))
+    return result
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def metrics_table(result: dict) -> str:
+    """Markdown: one row per k plus the teacher row."""
+    lab = result.get("labels", {})
+    cols = [c for c in COLUMNS if any(c[0] in m for m in [*result["k"].values(), result["teacher"]])]
+    lines = [f"# {lab.get('method', 'student')} / {lab.get('solver', '?')} vs teacher "
+             f"({result['teacher']['solver']}, N={result['teacher']['num_steps']}, w={result['teacher']['guidance_scale']:g}); "
+             f"{result['num_captions']} captions", "",
+             "| row | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for k, m in result["k"].items():
+        lines.append(f"| student k={k} | " + " | ".join(_fmt(m.get(key)) for key, _ in cols) + " |")
+    lines.append("| teacher | " + " | ".join(_fmt(result["teacher"].get(key)) for key, _ in cols) + " |")
+    if result.get("skipped"):
+        lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in result["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    cfg = cli_config(EvaluateConfig, argv, "ODE error, FID, FD-DINO, CLIP score and aesthetic of a student sample set.")
+    result = evaluate(cfg)
+    print(metrics_table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Teacher reference solutions for SDXL evaluation: ``python -m sdxl.reference --config F --set k=v``.
+
+For every caption ``i`` the teacher's PF-ODE is solved from stored shared noise ``x_T^(i)`` down the
+N-step skip grid (``odecm.grids.skip``; N = 100: timesteps 999, 989, ..., 9 -> 0 in diffusers
+indexing) with DDIM, Euler or Heun (``odecm.solvers.solve``), the teacher being CFG around the
+frozen SDXL UNet (paper: ``w = 9``, Imagen convention ``eps_u + w (eps_c - eps_u)``, zeroed
+unconditional embeddings). The result is ``f_solver(x_T, T, 0)`` of the paper's eq. 6: the latent at
+``grid[0]`` (timestep 0; no extra denoising step), decoded by the VAE for image metrics.
+
+Shared initial noise: ``x_T^(i) ~ N(0, I)`` drawn with its own generator seeded from
+``(noise_seed, i)``, so it does not depend on batch size, sharding or the number of captions. It is
+stored once in ``<cache_dir>/noise/`` and reused by every reference (all solvers) and by
+``sdxl.sample`` (every student) — the same ``x_T`` for each caption everywhere.
+
+Cache and resume. The output folder ``<cache_dir>/reference/<solver>-N<N>-w<w>-<key hash>`` is
+keyed by (model, dtype, timestep indexing, solver, N, w, CFG convention, uncond, caption-file
+hash, number of captions, noise seed, resolution). Captions are processed in shards of
+``shard_size``; a shard is finished when ``shards/<j>.safetensors`` (latents + caption indices,
+written atomically after the shard's PNGs) exists. A rerun skips finished shards and loads no model
+at all when every shard is done; a killed run resumes at the first unfinished shard. Under
+``accelerate launch`` shard ``j`` belongs to process ``j mod world_size``.
+
+Layout::
+
+    manifest.json          key fields, captions file, noise file, latent shape, complete flag
+    captions.json          the captions in order
+    shards/00000.safetensors  {"latents": (n, C, h, w) float32, "indices": (n,) int64}
+    images/00000.png ...   decoded teacher samples (one per caption)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .eval_config import ReferenceConfig, cli_config, resolve_model
+
+Tensor = torch.Tensor
+
+__all__ = ["read_captions", "file_sha256", "shared_noise", "noise_path", "reference_key", "reference_folder",
+           "write_latent_shard", "read_latents", "shard_done", "run_reference", "latent_geometry",
+           "latents_to_images", "SDXLBundle", "load_bundle"]
+
+
+# ------------------------------------------------------------------------------------------- captions
+def read_captions(path: str | Path, limit: int | None = None) -> list[str]:
+    """Captions from ``.txt`` (one per line, blank lines skipped) or ``.jsonl`` / ``.json`` records
+    with a ``caption`` or ``text`` field (a ``.json`` list of strings also works)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} does not exist")
+    if path.suffix == ".txt":
+        caps = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    elif path.suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        recs = json.loads(text) if path.suffix == ".json" else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        caps = []
+        for r in recs:
+            if isinstance(r, str):
+                caps.append(r)
+            elif isinstance(r, dict) and ("caption" in r or "text" in r):
+                caps.append(str(r.get("caption", r.get("text"))))
+            else:
+                raise ValueError(f"{path}: records need a 'caption' or 'text' field, got {r!r}")
+    else:
+        raise ValueError(f"caption file {path}: allowed suffixes .txt, .jsonl, .json")
+    return caps[:limit] if limit is not None else caps
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- noise
+def noise_path(cache_dir: str | Path, seed: int, n: int, shape: Sequence[int]) -> Path:
+    return Path(cache_dir) / "noise" / f"seed{seed}-{'x'.join(map(str, shape))}-n{n}.safetensors"
+
+
+def _caption_seed(seed: int, i: int, stream: int = 0) -> int:
+    return (int(seed) * 1_000_003 + int(i) * 7919 + stream) % (2**63 - 1)
+
+
+def shared_noise(cache_dir: str | Path, seed: int, n: int, shape: Sequence[int]) -> tuple[Tensor, Path]:
+    """``(n, *shape)`` standard normal noise, one draw per caption ``i`` from generator seed ``(seed, i)``;
+    stored in ``<cache_dir>/noise`` and loaded from there afterwards."""
+    from safetensors.torch import load_file, save_file
+
+    from .features import _state
+
+    path = noise_path(cache_dir, seed, n, shape)
+    state = _state()
+    if not path.is_file() and state.is_main_process:
+        x = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_caption_seed(seed, i)))
+                         for i in range(n)])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"noise": x}, str(tmp), metadata={"seed": str(seed), "n": str(n)})
+        os.replace(tmp, path)
+    state.wait_for_everyone()
+    return load_file(str(path))["noise"], path
+
+
+# ------------------------------------------------------------------------------------------- shards
+def write_latent_shard(path: str | Path, latents: Tensor, indices: Sequence[int]) -> None:
+    """Atomically write ``{"latents", "indices"}`` (the shard's completion marker)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"latents": latents.detach().float().cpu().contiguous(),
+               "indices": torch.as_tensor(list(indices), dtype=torch.int64)}, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_latents(folder: str | Path) -> tuple[Tensor, Tensor]:
+    """All shards of ``folder/shards`` -> ``(indices, latents)`` sorted by caption index."""
+    from safetensors.torch import load_file
+
+    files = sorted((Path(folder) / "shards").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no latent shards in {Path(folder) / 'shards'}")
+    parts = [load_file(str(f)) for f in files]
+    idx = torch.cat([p["indices"] for p in parts])
+    lat = torch.cat([p["latents"] for p in parts])
+    order = torch.argsort(idx)
+    return idx[order], lat[order]
+
+
+def image_path(folder: str | Path, i: int) -> Path:
+    return Path(folder) / "images" / f"{i:05d}.png"
+
+
+def shard_done(folder: str | Path, j: int, indices: Sequence[int], decode: bool) -> bool:
+    if not (Path(folder) / "shards" / f"{j:05d}.safetensors").is_file():
+        return False
+    return not decode or all(image_path(folder, i).is_file() for i in indices)
+
+
+def shards_of(n: int, shard_size: int) -> list[list[int]]:
+    return [list(range(s, min(n, s + shard_size))) for s in range(0, n, shard_size)]
+
+
+# ------------------------------------------------------------------------------------------- model
+class SDXLBundle:
+    """Loaded SDXL parts for evaluation: components, schedule, prompt encoder, latent geometry."""
+
+    def __init__(self, parts, timestep_offset: int, device: torch.device):
+        from .teacher import schedule_from_scheduler_config
+
+        self.parts, self.device = parts, device
+        self.schedule = schedule_from_scheduler_config(parts.scheduler_config, timestep_offset)
+        self.prediction_type = parts.scheduler_config.get("prediction_type", "epsilon")
+        self.prompt_encoder = parts.prompt_encoder()
+
+    def cond(self, captions: Sequence[str], resolution: int) -> dict:
+        from .teacher import make_time_ids
+
+        ids = make_time_ids(len(captions), (resolution, resolution), (0, 0), (resolution, resolution), device=self.device)
+        return self.prompt_encoder.cond(list(captions), time_ids=ids)
+
+
+def latent_geometry(unet_config: Any, vae_config: Any, resolution: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the latents of a ``resolution`` px image: C = UNet in_channels,
+    h = w = resolution / 2^(#VAE blocks - 1) (SDXL: 8x)."""
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution={resolution} must be a multiple of the VAE factor {factor}")
+    return int(unet_config.in_channels), resolution // factor, resolution // factor
+
+
+def load_bundle(model_cfg, cache_dir: str | Path, device: torch.device) -> SDXLBundle:
+    from .teacher import load_sdxl
+
+    parts = load_sdxl(resolve_model(model_cfg, cache_dir), vae=model_cfg.vae, dtype=model_cfg.dtype,
+                      vae_dtype=model_cfg.vae_dtype, device=device)
+    return SDXLBundle(parts, model_cfg.timestep_offset, device)
+
+
+def latents_to_images(vae, latents: Tensor) -> Tensor:
+    """VAE decode -> float images in [0, 1]."""
+    from .teacher import decode_latents
+
+    return (decode_latents(vae, latents) + 1) / 2
+
+
+# ------------------------------------------------------------------------------------------- run
+def reference_key(cfg: ReferenceConfig, model_id: str, captions_hash: str, n: int) -> dict:
+    from .features import _weights_id
+
+    return {
+        "model": _weights_id(model_id), "vae": cfg.model.vae, "dtype": cfg.model.dtype,
+        "timestep_offset": cfg.model.timestep_offset, "solver": cfg.solver, "num_steps": cfg.num_steps,
+        "grid": "skip", "guidance_scale": cfg.guidance_scale, "cfg_convention": cfg.cfg_convention,
+        "uncond": cfg.uncond, "captions_sha256": captions_hash, "num_captions": n, "noise_seed": cfg.noise_seed,
+        "resolution": cfg.resolution,
+    }
+
+
+def reference_folder(cfg: ReferenceConfig) -> tuple[Path, dict]:
+    model_id = resolve_model(cfg.model, cfg.cache_dir)
+    n = len(read_captions(cfg.captions, cfg.num_captions))
+    key = reference_key(cfg, model_id, file_sha256(cfg.captions), n)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{cfg.solver}-N{cfg.num_steps}-w{cfg.guidance_scale:g}-{digest}"
+    return Path(cfg.cache_dir) / "reference" / name, key
+
+
+def _device(name: str | None):
+    from .features import _state
+
+    return torch.device(name) if name else _state().device
+
+
+def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None = None) -> tuple[Path, dict]:
+    """Compute (or reuse) the teacher reference; returns ``(folder, stats)`` with
+    ``stats = {"teacher_calls", "teacher_evals", "shards_computed", "shards_skipped"}``."""
+    from tqdm.auto import tqdm
+
+    from odecm.denoisers import NFECounter
+    from odecm.grids import skip
+    from odecm.solvers import get_solver, solve
+
+    from .features import _state, save_images
+    from .teacher import make_teacher
+
+    state = _state()
+    folder, key = reference_folder(cfg)
+    captions = read_captions(cfg.captions, cfg.num_captions)
+    shards = shards_of(len(captions), cfg.shard_size)
+    todo = [j for j, idx in enumerate(shards) if not shard_done(folder, j, idx, cfg.decode)]
+    stats = {"teacher_calls": 0, "teacher_evals": 0, "shards_computed": [], "shards_skipped": len(shards) - len(todo)}
+    manifest_path = folder / "manifest.json"
+    if not todo and manifest_path.is_file():
+        return folder, stats
+
+    device = _device(cfg.device)
+    bundle = loader() if loader is not None else load_bundle(cfg.model, cfg.cache_dir, device)
+    shape = latent_geometry(bundle.parts.unet.config, bundle.parts.vae.config, cfg.resolution)
+    noise, npath = shared_noise(cfg.cache_dir, cfg.noise_seed, len(captions), shape)
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "captions.json").write_text(json.dumps(captions, indent=0, ensure_ascii=False))
+        manifest = {"kind": "teacher_reference", "key": key, "captions_file": str(cfg.captions),
+                    "noise_file": str(npath), "latent_shape": list(shape), "num_shards": len(shards),
+                    "config": cfg.model_dump(mode="json"), "complete": False}
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    state.wait_for_everyone()
+
+    teacher = NFECounter(make_teacher(bundle.parts.unet, bundle.schedule, cfg.guidance_scale, cfg.cfg_convention,
+                                      cfg.uncond, prompt_encoder=bundle.prompt_encoder,
+                                      prediction_type=bundle.prediction_type))
+    grid = skip(bundle.schedule, cfg.num_steps)
+    solver = get_solver(cfg.solver)
+    mine = [j for j in todo if j % state.num_processes == state.process_index]
+    for j in tqdm(mine, desc=f"reference {cfg.solver} N={cfg.num_steps}", disable=not cfg.progress):
+        idx = shards[j]
+        outs = []
+        for b in range(0, len(idx), cfg.batch_size):
+            bi = idx[b:b + cfg.batch_size]
+            x_T = noise[bi].to(device)
+            cond = bundle.cond([captions[i] for i in bi], cfg.resolution)
+            with torch.no_grad():
+                res = solve(solver, teacher, x_T, grid, start_index=cfg.num_steps, cond=cond)
+            lat = res.x.float()
+            if cfg.decode:
+                save_images(latents_to_images(bundle.parts.vae, lat), [image_path(folder, i) for i in bi])
+            outs.append(lat.cpu())
+        write_latent_shard(folder / "shards" / f"{j:05d}.safetensors", torch.cat(outs), idx)
+        stats["shards_computed"].append(j)
+    stats["teacher_calls"], stats["teacher_evals"] = teacher.calls, teacher.evals
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["complete"] = all(shard_done(folder, j, idx, cfg.decode) for j, idx in enumerate(shards))
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    return folder, stats
+
+
+def main(argv=None) -> None:
+    cfg = cli_config(ReferenceConfig, argv, "Teacher reference solutions (shared noise, N-step skip grid).")
+    folder, stats = run_reference(cfg)
+    print(json.dumps({"folder": str(folder), **stats}))
+
+
+if __name__ == "__main__":
+    main()

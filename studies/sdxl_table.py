@@ -1,0 +1,154 @@
+"""The paper's Table 1 from SDXL evaluation runs: ``python -m studies.sdxl_table --runs DIR ... --out OUT``.
+
+Each ``DIR`` is an ``sdxl.evaluate`` output folder (holding ``metrics.json``) or a ``sdxl.sample``
+folder with ``eval/metrics.json``. Rows: CM and Direct CM (``labels.method`` = cd / direct_cd)
+x DDIM, Euler, Heun (``labels.solver``), then one teacher row per reference solver found; columns
+E (latent ODE error), FID and FD-DINO against the teacher's samples, CLIP score, aesthetic; one
+table per k in (1, 2, 4). A row without a run says ``missing``. Writes ``table.md``,
+``table.json`` and, per run, ``grid_<method>_<solver>.png``: teacher and k = 1, 2, 4 samples for the
+same captions and the same initial noise, one column per caption.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load_runs", "build_table", "render_markdown", "image_grid", "main", "METHODS", "SOLVERS", "TABLE_COLUMNS"]
+
+METHODS = {"cd": "CM", "direct_cd": "Direct CM"}
+SOLVERS = {"ddim": "DDIM", "euler": "Euler", "heun": "Heun"}
+TABLE_COLUMNS = [("ode_error_latent", "E"), ("fid_teacher", "FID"), ("fd_dino_teacher", "FD-DINO"),
+                 ("clip_score", "CLIP"), ("aesthetic", "Aesthetic")]
+STEPS = ("1", "2", "4")
+
+
+def load_runs(dirs: list[str | Path]) -> list[dict]:
+    """``metrics.json`` of each run folder (``DIR/metrics.json`` or ``DIR/eval/metrics.json``)."""
+    runs = []
+    for d in dirs:
+        d = Path(d)
+        path = next((p for p in (d / "metrics.json", d / "eval" / "metrics.json") if p.is_file()), None)
+        if path is None:
+            runs.append({"dir": str(d), "error": f"no metrics.json in {d} or {d / 'eval'}"})
+            continue
+        m = json.loads(path.read_text())
+        m["dir"] = str(path.parent)
+        runs.append(m)
+    return runs
+
+
+def build_table(runs: list[dict]) -> dict:
+    """``{"rows": [{"row", "method", "solver", "status", "k": {k: {col: value}}}], "columns", "steps"}``."""
+    by_key: dict[tuple[str, str], dict] = {}
+    extra, teachers = [], {}
+    for r in runs:
+        if "error" in r:
+            extra.append({"row": Path(r["dir"]).name, "status": r["error"], "k": {}})
+            continue
+        lab = r.get("labels", {})
+        key = (lab.get("method"), lab.get("solver"))
+        if key in by_key or key[0] not in METHODS or key[1] not in SOLVERS:
+            extra.append({"row": f"{lab.get('method')}/{lab.get('solver')} ({Path(r['dir']).name})", "status": "ok",
+                          "k": {k: {c: m.get(c) for c, _ in TABLE_COLUMNS} for k, m in r["k"].items()}, "dir": r["dir"]})
+        else:
+            by_key[key] = r
+        t = r["teacher"]
+        teachers.setdefault(t["solver"], {"row": f"Teacher {SOLVERS.get(t['solver'], t['solver'])} (N={t['num_steps']})",
+                                          "status": "ok", "values": {c: t.get(c) for c, _ in TABLE_COLUMNS}})
+    rows = []
+    for m, mname in METHODS.items():
+        for s, sname in SOLVERS.items():
+            r = by_key.get((m, s))
+            if r is None:
+                rows.append({"row": f"{mname} {sname}", "method": m, "solver": s, "status": "missing (no run given)", "k": {}})
+            else:
+                rows.append({"row": f"{mname} {sname}", "method": m, "solver": s, "status": "ok", "dir": r["dir"],
+                             "k": {k: {c: v.get(c) for c, _ in TABLE_COLUMNS} for k, v in r["k"].items()},
+                             "skipped": sorted(r.get("skipped", {}))})
+    for s in SOLVERS:
+        if s in teachers:
+            rows.append({**teachers[s], "solver": s, "method": "teacher"})
+        else:
+            rows.append({"row": f"Teacher {SOLVERS[s]}", "method": "teacher", "solver": s,
+                         "status": "missing (no run used this reference)"})
+    return {"rows": rows + extra, "columns": [c for c, _ in TABLE_COLUMNS], "steps": list(STEPS)}
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def render_markdown(table: dict) -> str:
+    lines = ["# Table 1: CM vs Direct CM on SDXL (FID / FD-DINO against the teacher's samples; CLIP = cosine)", ""]
+    headers = [h for _, h in TABLE_COLUMNS]
+    for k in table["steps"]:
+        lines += [f"## k = {k} student step{'s' if k != '1' else ''}", "",
+                  "| | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+        for row in table["rows"]:
+            if row["status"] != "ok":
+                lines.append(f"| {row['row']} | {row['status']} |" + " |" * (len(headers) - 1))
+            elif row.get("method") == "teacher":
+                vals = row["values"]
+                lines.append(f"| {row['row']} | " + " | ".join(
+                    "0 (reference)" if c in ("ode_error_latent", "fid_teacher", "fd_dino_teacher") else _fmt(vals.get(c))
+                    for c, _ in TABLE_COLUMNS) + " |")
+            elif k not in row["k"]:
+                lines.append(f"| {row['row']} | no k={k} samples |" + " |" * (len(headers) - 1))
+            else:
+                lines.append(f"| {row['row']} | " + " | ".join(_fmt(row["k"][k].get(c)) for c, _ in TABLE_COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def image_grid(run: dict, path: str | Path, num_captions: int = 4, thumb: int = 128) -> Path | None:
+    """Rows: teacher, k = 1, 2, 4; columns: the first ``num_captions`` captions (same noise)."""
+    from PIL import Image, ImageDraw
+
+    samples, ref = Path(run["samples"]), Path(run["reference"])
+    num_captions = max(1, min(num_captions, len(list((ref / "images").glob("*.png")))))
+    rows = [("teacher", ref / "images")] + [(f"k={k}", samples / f"k{k}" / "images") for k in run["k"]]
+    label_w = 70
+    canvas = Image.new("RGB", (label_w + thumb * num_captions, thumb * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, folder) in enumerate(rows):
+        draw.text((4, r * thumb + thumb // 2 - 6), name, fill="black")
+        for c in range(num_captions):
+            f = folder / f"{c:05d}.png"
+            if f.is_file():
+                with Image.open(f) as im:
+                    canvas.paste(im.convert("RGB").resize((thumb, thumb), Image.BICUBIC), (label_w + c * thumb, r * thumb))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="sdxl.evaluate output folders (or sample folders with eval/)")
+    ap.add_argument("--out", default="results/sdxl_table")
+    ap.add_argument("--grid-captions", type=int, default=4)
+    args = ap.parse_args(argv)
+    runs = load_runs(args.runs)
+    table = build_table(runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grids = {}
+    for r in runs:
+        if "error" in r:
+            continue
+        lab = r.get("labels", {})
+        name = f"grid_{lab.get('method', 'run')}_{lab.get('solver', Path(r['dir']).parent.name)}.png"
+        grids[r["dir"]] = str(image_grid(r, out / name, args.grid_captions))
+    table["grids"] = grids
+    md = render_markdown(table)
+    (out / "table.md").write_text(md)
+    (out / "table.json").write_text(json.dumps(table, indent=2))
+    print(md)
+    return table
+
+
+if __name__ == "__main__":
+    main()
