@@ -240,18 +240,16 @@ class GaussianMixture:
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     @staticmethod
-    def _normalise(logits: Tensor, want: set[str]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """In-place log-sum-exp: returns ``(e, total, out)`` with ``e = exp(logits - max)`` (logits
-        is overwritten), ``total = e.sum(-1, keepdim=True)``, and ``out['logp']`` / ``out['resp']``."""
-        mx = logits.max(dim=-1, keepdim=True).values
-        e = logits.sub_(mx).exp_()
-        total = e.sum(-1, keepdim=True)
+    def _normalise(logits: Tensor, want: set[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Responsibilities ``r = softmax(logits)`` (torch's fused, stable kernel) and, when wanted,
+        ``out['logp'] = logsumexp(logits)`` and ``out['resp'] = r``."""
         out: dict[str, Tensor] = {}
         if "logp" in want:
-            out["logp"] = (torch.log(total) + mx).squeeze(-1)
+            out["logp"] = torch.logsumexp(logits, dim=-1)
+        r = torch.softmax(logits, dim=-1)
         if "resp" in want:
-            out["resp"] = e / total
-        return e, total, out
+            out["resp"] = r
+        return r, out
 
     def _evaluate_block(self, p: _Params, x: Tensor, a: Tensor, s: Tensor, want: set[str]) -> dict[str, Tensor]:
         d = self.dim
@@ -268,13 +266,13 @@ class GaussianMixture:
             W = torch.cat([(a * miv).T, (-0.5 * iv).T], 0)  # (2d, K)
             c = p.log_w - 0.5 * ((a * a) * (p.means * miv).sum(-1) + torch.log(v).sum(-1) + d * _LOG_2PI)
             logits = torch.addmm(c, torch.cat([x, x * x], -1), W)
-            e, total, out = self._normalise(logits, want)
+            r, out = self._normalise(logits, want)
             if need_score or need_x0:
                 cols = [miv]  # sum_k r_k m_k / v_k
                 cols.append(iv if need_score else iv[:, :0])  # sum_k r_k / v_k
                 if need_x0:
                     cols.append(var * iv)  # sum_k r_k c_k / v_k
-                G = (e @ torch.cat(cols, -1)) / total
+                G = r @ torch.cat(cols, -1)
                 rmiv, riv = G[:, :d], G[:, d : d + (d if need_score else 0)]
                 if need_score:
                     # score = -sum_k r_k (x - a m_k) / v_k
@@ -288,8 +286,8 @@ class GaussianMixture:
             iv = 1.0 / v
             quad = ((x * x).sum(-1, keepdim=True) - 2.0 * a * (x @ p.means.T) + (a * a) * (p.means * p.means).sum(-1)) * iv
             logits = p.log_w - 0.5 * (quad + d * torch.log(v) + d * _LOG_2PI)
-            e, total, out = self._normalise(logits, want)
-            riv = e * iv / total
+            r, out = self._normalise(logits, want)
+            riv = r * iv
             if need_score:
                 out["score"] = a * (riv @ p.means) - x * riv.sum(-1, keepdim=True)
             if need_x0:
@@ -306,14 +304,14 @@ class GaussianMixture:
             iv = 1.0 / v
             ivz = iv * z
             logits = p.log_w - 0.5 * ((z * ivz).sum(-1) + torch.log(v).sum(-1) + d * _LOG_2PI)
-            e, total, out = self._normalise(logits, want)
+            r, out = self._normalise(logits, want)
             if need_score or need_x0:
-                rivz = (e / total)[:, :, None] * ivz
+                rivz = r[:, :, None] * ivz
             if need_score:
                 out["score"] = -(rivz.sum(1) if p.U is None else torch.einsum("kij,bkj->bi", p.U, rivz))
             if need_x0:
                 corr = (a3 * p.var) * rivz  # r_k a lam_k (z / v) in the eigenbasis
-                x0 = (e / total) @ p.means + (corr.sum(1) if p.U is None else torch.einsum("kij,bkj->bi", p.U, corr))
+                x0 = r @ p.means + (corr.sum(1) if p.U is None else torch.einsum("kij,bkj->bi", p.U, corr))
                 out["x0"] = x0
         if "eps" in want:
             out["eps"] = -s * out["score"]
