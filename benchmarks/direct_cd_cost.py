@@ -5,7 +5,7 @@ Measures, over many iterations with a cheap analytic teacher, the sequential sol
 denoiser calls and the sample evaluations, with odecm's ``solve`` in ``subset`` and ``full`` mask
 modes, and prints them next to the closed-form expectations of ``expected_direct_cd_cost``.
 
-    python benchmarks/direct_cd_cost.py --num-steps 100 --batch 16 --iters 300
+    python -m benchmarks.direct_cd_cost --num-steps 100 --batch 16 --iters 300
 """
 from __future__ import annotations
 
