@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from .denoisers import Denoiser, broadcast_time
+from .denoisers import Denoiser, NFECounter, broadcast_time
 from .schedules import NoiseSchedule
 from .solvers import Solver, get_solver, solve
 
@@ -137,8 +137,6 @@ class CDTarget:
 
     @torch.no_grad()
     def __call__(self, x_tn: Tensor, n: Tensor, cond: Any = None, rng_state=None) -> TargetOut:
-        from .denoisers import NFECounter
-
         teacher = NFECounter(self.teacher)
         t_n, t_prev = _grid_at(self.grid, n, x_tn), _grid_at(self.grid, n - 1, x_tn)
         x_prev = self.solver.step(teacher, x_tn, t_n, t_prev, cond)
@@ -299,8 +297,10 @@ def consistency_loss(
             raise ValueError("pass x0 (and optionally noise) or x_tn")
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
-        x_tn = add_noise(schedule, x0, _grid_at(grid, n, x0), noise)
-    t_n = _grid_at(grid, n, x_tn)
+        t_n = _grid_at(grid, n, x0)
+        x_tn = add_noise(schedule, x0, t_n, noise)
+    else:
+        t_n = _grid_at(grid, n, x_tn)
     rng_state = same_randomness.capture() if share_randomness else None
     if target is None:
         if rng_state is not None:
