@@ -121,7 +121,16 @@ def _grid_at(grid: Tensor, n: Tensor, like: Tensor) -> Tensor:
     return grid.to(device=like.device)[n.to(like.device)].to(like.dtype if like.is_floating_point() else torch.float32)
 
 
-class CDTarget:
+class _TeacherTarget:
+    """A target provider built on a teacher denoiser, a one-step solver and a grid."""
+
+    def __init__(self, teacher: Denoiser, solver: Solver | str, grid: Tensor):
+        self.teacher = teacher
+        self.solver = get_solver(solver) if isinstance(solver, str) else solver
+        self.grid = grid
+
+
+class CDTarget(_TeacherTarget):
     """CD target (eq. 4): one teacher solver step ``t_n -> t_{n-1}``, then ``target_fn`` at ``t_{n-1}``.
 
     ``target_fn(x, t, cond)`` is the target consistency function (EMA copy of the student, or the
@@ -130,9 +139,7 @@ class CDTarget:
     method = "cd"
 
     def __init__(self, teacher: Denoiser, solver: Solver | str, grid: Tensor, target_fn: Callable[..., Tensor]):
-        self.teacher = teacher
-        self.solver = get_solver(solver) if isinstance(solver, str) else solver
-        self.grid = grid
+        super().__init__(teacher, solver, grid)
         self.target_fn = target_fn
 
     @torch.no_grad()
@@ -148,7 +155,7 @@ class CDTarget:
         return TargetOut(value.detach(), teacher.calls, teacher.evals, 1)
 
 
-class DirectCDTarget:
+class DirectCDTarget(_TeacherTarget):
     """Direct CD target (eq. 5): the teacher solver from each sample's ``t_n`` down to ``t_0``.
 
     ``mask_mode="subset"`` evaluates only active samples (no waste); ``"full"`` evaluates the whole
@@ -158,9 +165,7 @@ class DirectCDTarget:
 
     def __init__(self, teacher: Denoiser, solver: Solver | str, grid: Tensor,
                  mask_mode: Literal["subset", "full"] = "subset"):
-        self.teacher = teacher
-        self.solver = get_solver(solver) if isinstance(solver, str) else solver
-        self.grid = grid
+        super().__init__(teacher, solver, grid)
         self.mask_mode = mask_mode
 
     @torch.no_grad()

@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from odecm.config import StrictModel
 from sdxl.data import ImageCaptionDataset, WebImageCaptionDataset, expand_shards, list_folder, read_index
 from sdxl.teacher import load_sdxl, make_time_ids, resolve_dtype
 
@@ -58,10 +59,8 @@ TENSOR_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "text_embeds", "tim
                "crop_top_left")
 
 
-class LatentCacheConfig(BaseModel):
+class LatentCacheConfig(StrictModel):
     """Settings of one cache build (the CLI's flags)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     data: str
     out: str

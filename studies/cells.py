@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from odecm.config import StrictModel
 from odecm.grids import make_grid
 from odecm.metrics import per_sample_sq_error
 from odecm.schedules import NoiseSchedule, make_schedule
@@ -64,11 +65,7 @@ __all__ = [
 QUALITY_KEYS = ("w2", "sliced_w2", "mmd2", "precision", "recall", "modes_covered", "mode_tv", "nll")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """The data mixture: ``toys.gmm.make_preset(preset, dim, embed, **options)``."""
 
     preset: Literal["ring8", "grid25", "twoscale", "imbalanced", "aniso", "random"] = "ring8"
@@ -84,7 +81,7 @@ class DataConfig(_Strict):
         return make_preset(self.preset, self.dim, embed=self.embed, seed=self.seed, **kw)
 
 
-class WorldConfig(_Strict):
+class WorldConfig(StrictModel):
     """Teacher solver and time grid (the teacher itself is the exact GMM denoiser). Defaults follow
     the paper (and ``studies.score_error``): SDXL's discrete schedule, the LCM skip grid with N = 20,
     DDIM, LCM boundary scalings."""
@@ -96,7 +93,7 @@ class WorldConfig(_Strict):
     boundary: Literal["lcm", "edm"] = "lcm"
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     num_samples: int = Field(2000, ge=10, description="one-step samples per member")
     max_points: int = Field(1000, ge=10, description="subsample for the O(n^2) metrics (W2, MMD, k-NN)")
     exact_ode: bool = True

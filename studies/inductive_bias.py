@@ -24,18 +24,19 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from odecm.config import StrictModel
 from toys.ensemble import TargetPool, TrainConfig
 from toys.networks import NetworkConfig, count_parameters
 
 from . import cells
-from .cells import DataConfig, EvalConfig, WorldConfig, _Strict
+from .cells import DataConfig, EvalConfig, WorldConfig
 
 STUDY = "inductive_bias"
 METHODS = ("cd", "direct_cd")
 Sweep = Literal["capacity", "budget", "target", "dimension"]
 
 
-class InductiveBiasConfig(_Strict):
+class InductiveBiasConfig(StrictModel):
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
     network: NetworkConfig = NetworkConfig(width=64, depth=3)

@@ -25,20 +25,21 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from odecm.config import StrictModel
 from odecm.metrics import frechet_distance_features, per_sample_sq_error
 from toys.ensemble import TargetPool, TrainConfig
 from toys.metrics import mmd2_unbiased, wasserstein2
 from toys.networks import NetworkConfig
 
 from . import cells
-from .cells import DataConfig, EvalConfig, WorldConfig, _Strict
+from .cells import DataConfig, EvalConfig, WorldConfig
 
 STUDY = "latent_space"
 METHODS = ("cd", "direct_cd")
 Tensor = torch.Tensor
 
 
-class DecoderSpec(_Strict):
+class DecoderSpec(StrictModel):
     """One decoder of ``toys.decoders``: ``identity``, ``random_mlp`` (to ``out_dim`` dims) or ``render``
     (a ``size x size`` Gaussian-blob image of the first two latent coordinates)."""
 
@@ -53,7 +54,7 @@ class DecoderSpec(_Strict):
                 "render": f"render{self.size}x{self.size}"}[self.kind]
 
 
-class LatentSpaceConfig(_Strict):
+class LatentSpaceConfig(StrictModel):
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
     network: NetworkConfig = NetworkConfig(width=64, depth=3)

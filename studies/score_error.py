@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from odecm.config import StrictModel
 from odecm.grids import make_grid
 from odecm.metrics import per_sample_sq_error
 from odecm.schedules import make_schedule
@@ -58,11 +59,7 @@ TABLE_KEYS = ("E_solver", "E_teacher_ode", "E_true_ode", "w2_p0", "mmd2_p0", "mo
               "w2_teacher", "mmd2_teacher")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TeacherSpec(_Strict):
+class TeacherSpec(StrictModel):
     """One teacher of the sweep: ``make_teacher(kind, gmm, schedule, **options)``."""
 
     label: str
@@ -80,7 +77,7 @@ class TeacherSpec(_Strict):
         return {}
 
 
-class EvalSettings(_Strict):
+class EvalSettings(StrictModel):
     num_samples: int = Field(2000, ge=10, description="evaluation noise x_T (and reference) sample size")
     max_points: int = Field(800, ge=10, description="subsample for W2 / MMD / k-NN metrics")
     seed: int = 777
@@ -91,7 +88,7 @@ class EvalSettings(_Strict):
     floor: bool = Field(True, description="finite-sample floor of the metrics (two independent p_0 samples)")
 
 
-class ScoreErrorConfig(_Strict):
+class ScoreErrorConfig(StrictModel):
     preset: Literal["ring8", "grid25", "twoscale", "imbalanced", "aniso"] = "ring8"
     schedule: Literal["sdxl", "vp", "vp_cosine", "edm"] = "sdxl"
     grid: Literal["skip", "uniform", "karras"] = "skip"

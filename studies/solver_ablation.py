@@ -26,17 +26,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from odecm.config import StrictModel
 from toys.ensemble import Route, TargetPool, TrainConfig
 from toys.networks import NetworkConfig
 
 from . import cells
-from .cells import DataConfig, EvalConfig, WorldConfig, _Strict
+from .cells import DataConfig, EvalConfig, WorldConfig
 
 STUDY = "solver_ablation"
 METHODS = ("cd", "direct_cd")
 
 
-class SolverAblationConfig(_Strict):
+class SolverAblationConfig(StrictModel):
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig(grid="uniform")  # skip grids need N | 1000; N = 18 does not
     network: NetworkConfig = NetworkConfig(width=64, depth=3)

@@ -12,13 +12,7 @@ from toys.ensemble import (EnsembleMLP, Route, TargetPool, TrainConfig, clip_gra
 from toys.gmm import make_preset
 from toys.networks import MLP, NetworkConfig, make_student
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (ms per op on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: extra threads only add sync cost
 
 
 CFG = NetworkConfig(width=32, depth=2, num_frequencies=4, time_embedding="fourier")

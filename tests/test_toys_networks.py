@@ -10,13 +10,7 @@ from odecm.grids import skip
 from odecm.schedules import VPLinear, sdxl_schedule
 from toys.networks import MLP, NetworkConfig, consistency_student, make_student, time_features, time_input
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (ms per op on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: extra threads only add sync cost
 
 
 

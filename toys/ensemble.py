@@ -49,10 +49,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from odecm.config import StrictModel
 from odecm.consistency import ConsistencyFunction, make_boundary
 from odecm.denoisers import Denoiser, index_cond
 from odecm.objectives import (CDTarget, DirectCDTarget, TargetOut, add_noise, consistency_loss, draw_indices,
@@ -179,10 +180,8 @@ def clip_grad_norm_per_member(params: Sequence[Tensor], max_norm: float) -> Tens
     return norms
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictModel):
     """How one ensemble is distilled (shared by all members)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     method: Literal["cd", "direct_cd"] = "cd"
     steps: int = Field(4000, ge=1)

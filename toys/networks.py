@@ -23,9 +23,10 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+from odecm.config import StrictModel
 from odecm.consistency import ConsistencyFunction, make_boundary
 from odecm.denoisers import Denoiser
 from odecm.schedules import NoiseSchedule
@@ -49,10 +50,8 @@ ACTIVATIONS = {"silu": nn.functional.silu, "relu": nn.functional.relu, "gelu": n
                "tanh": torch.tanh}
 
 
-class NetworkConfig(BaseModel):
+class NetworkConfig(StrictModel):
     """Architecture of an MLP student (or learned teacher)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dim: int = Field(2, ge=1, description="data dimension d")
     width: int = Field(128, ge=1)
