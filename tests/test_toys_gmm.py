@@ -185,3 +185,77 @@ def test_float32_path_close_to_float64():
     s32 = g.score(x.float(), 300, sch)
     assert s32.dtype == torch.float32
     assert torch.allclose(s32.double(), s64, rtol=1e-4, atol=1e-4 * float(s64.abs().max()))
+
+
+# --- the empirical distribution: K point masses (the image world's exact teacher) ----------------
+
+def _empirical(K=300, d=16, seed=0):
+    pts = torch.randn(K, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return GaussianMixture.empirical(pts), pts
+
+
+@pytest.mark.parametrize("t", [1, 20, 300, 1000])
+def test_empirical_score_matches_autograd_and_brute_force(t):
+    g, pts = _empirical()
+    assert g.is_empirical and g.cov_type == "isotropic"
+    sch = make_schedule("sdxl", timestep_offset=1)
+    a, s = _coef(sch, t)
+    gen = torch.Generator().manual_seed(3)
+    x = a * pts[:64] + s * torch.randn(64, 16, generator=gen, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(g.log_prob_t(xr, t, sch).sum(), xr)
+    score = g.score(x, t, sch)
+    assert (score - grad).abs().max() <= 1e-9 * score.abs().max().clamp(min=1.0)
+    comp = torch.distributions.MultivariateNormal(a * pts, s * s * torch.eye(16, dtype=torch.float64))
+    brute = torch.logsumexp(comp.log_prob(x[:, None, :]) - math.log(pts.shape[0]), -1)
+    assert torch.allclose(g.log_prob_t(x, t, sch), brute, atol=1e-8, rtol=1e-10)
+    # Tweedie and the posterior mean as a responsibility-weighted average of the points
+    pred = g.exact_denoiser(sch)(x, t)
+    assert torch.allclose(pred.x0, (x + s * s * score) / a, atol=1e-9 * max(1.0, s * s * float(score.abs().max())))
+    r = torch.softmax(comp.log_prob(x[:, None, :]), -1)
+    assert torch.allclose(pred.x0, r @ pts, atol=1e-9)
+    # per-sample times and row blocks agree with the shared-time single block
+    tt = torch.full((64,), float(t), dtype=torch.float64)
+    tt[::2] = 500.0
+    mixed = g.score(x, tt, sch)
+    assert torch.allclose(mixed[1::2], score[1::2], rtol=1e-10, atol=1e-10)
+    assert torch.allclose(mixed[::2], g.score(x[::2], 500.0, sch), rtol=1e-10, atol=1e-10)
+    g.block_elements = 300 * 4  # 256 rows (the minimum) per block
+    big = torch.cat([x] * 5)
+    assert torch.allclose(g.score(big, t, sch), torch.cat([score] * 5), rtol=1e-12, atol=1e-12)
+
+
+def test_empirical_moments_sampling_and_errors():
+    g, pts = _empirical(K=50, d=4)
+    assert torch.allclose(g.mean(), pts.mean(0), atol=1e-12)
+    assert torch.allclose(g.covariance(), torch.cov(pts.T, correction=0), atol=1e-12)
+    x, labels = g.sample_p0(10, torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(x, pts[labels])
+    sch = make_schedule("sdxl", timestep_offset=1)
+    with pytest.raises(ValueError, match="sigma = 0"):
+        g.score(x, 0, sch)
+    with pytest.raises(ValueError, match="allow_zero_variance"):
+        GaussianMixture([1.0, 1.0], pts[:2], [0.0, 0.0])
+
+
+def test_empirical_exact_ode_returns_the_training_point_from_its_own_noisy_version():
+    g, pts = _empirical(K=200, d=16, seed=1)
+    sch = make_schedule("sdxl", timestep_offset=1)
+    t = 30.0
+    a, s = _coef(sch, t)
+    x_t = a * pts[:20] + s * torch.randn(20, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = g.exact_ode_solution(x_t, t, 0.0, sch, rtol=1e-8, atol=1e-8)
+    assert (out - pts[:20]).abs().max() < 1e-10
+    # from pure noise the endpoint is one of the points (the exact ODE of the empirical data memorises)
+    x_T = torch.randn(20, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * _coef(sch, 1000)[1]
+    end = g.exact_ode_solution(x_T, 1000.0, 0.0, sch, rtol=1e-7, atol=1e-7)
+    assert float((end[:, None] - pts[None]).norm(dim=-1).min(1).values.max()) < 1e-9
+    # ... and it matches a fixed-step Heun solve of the same ODE (Karras grid down to t = 2), then snapped
+    from odecm import grids
+    from odecm.solvers import solve
+
+    fine = grids.karras(sch, 100, t_start=2.0, t_end=1000.0)
+    mid = solve("heun", g.exact_denoiser(sch), x_T, fine, fine.numel() - 1).x
+    ref_mid = g.exact_ode_solution(x_T, 1000.0, 2.0, sch, rtol=1e-8, atol=1e-8)
+    assert (mid - ref_mid).abs().max() < 1e-4  # Heun is second order: 2.3e-5 at 100 steps, 4.7e-4 at 25
+    assert torch.allclose(g.exact_denoiser(sch)(mid, 2.0).x0, end, atol=1e-9)
