@@ -7,19 +7,27 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.stats import ncx2
 
 from toys.gmm import GaussianMixture, make_preset
+from odecm.schedules import EDM
 from toys.metrics import (
     HIGHER_IS_BETTER,
     MMD_BANDWIDTHS,
+    MODE_MASS,
+    covariance_spectrum,
     finite_sample_floor,
     mmd2_unbiased,
+    mode_radius,
     mode_statistics,
     negative_log_likelihood,
+    per_sample_quality,
     prdc,
     quality_table,
     sample_quality,
     sliced_wasserstein2,
+    spectrum_ratio,
+    total_variance_ratio,
     wasserstein2,
 )
 
@@ -122,19 +130,78 @@ def test_mode_statistics_on_hand_placed_points():
     assert stats["modes_covered"] == 0.5
     assert stats["mode_tv"] == pytest.approx(0.5)  # 0.5 * (4 |1/4 - 1/8| + 4 |0 - 1/8|)
     assert stats["counts"].tolist() == [10.0] * 4 + [0.0] * 4
-    # 2.9 std away: still good; 3.1 std away: not
+    # in 2D the ball holds MODE_MASS of N(0, I_2): |z|^2 ~ Exp(1/2), so r_2 = sqrt(-2 log(1 - MODE_MASS)) = 3.44
+    r2 = math.sqrt(-2.0 * math.log1p(-MODE_MASS))
     direction = torch.tensor([0.6, 0.8], dtype=F64)
-    near = means[:1] + 0.29 * direction
-    far = means[:1] + 0.31 * direction
-    assert mode_statistics(torch.cat([near, far]), gmm)["mode_precision"] == 0.5
+    near = means[:1] + 0.99 * r2 * 0.1 * direction
+    far = means[:1] + 1.01 * r2 * 0.1 * direction
+    stats = mode_statistics(torch.cat([near, far]), gmm)
+    assert stats["radius"] == pytest.approx(r2, rel=1e-10) and stats["mode_precision"] == 0.5
+    # the fixed radius of earlier versions on request: 2.9 std away good, 3.1 std away not
+    near, far = means[:1] + 0.29 * direction, means[:1] + 0.31 * direction
+    assert mode_statistics(torch.cat([near, far]), gmm, std_threshold=3.0)["mode_precision"] == 0.5
     assert negative_log_likelihood(x, gmm) == pytest.approx(float(-gmm.log_prob(x).mean()), rel=1e-12)
 
 
 def test_mode_statistics_use_mahalanobis_distance():
-    """Anisotropic mode: 3 std along the minor axis is a short Euclidean distance."""
+    """Anisotropic (full) mode: r std along the minor axis is a short Euclidean distance."""
     gmm = GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 0.01]]], dtype=F64)
-    x = torch.tensor([[2.9, 0.0], [0.0, 0.29], [0.0, 0.31]], dtype=F64)
-    assert mode_statistics(x, gmm)["mode_precision"] == pytest.approx(2 / 3)
+    r = mode_radius(2)
+    x = torch.tensor([[0.99 * r, 0.0], [0.0, 0.099 * r], [0.0, 0.101 * r]], dtype=F64)
+    stats = mode_statistics(x, gmm)
+    assert stats["mode_precision"] == pytest.approx(2 / 3)
+    assert stats["mahalanobis"].tolist() == pytest.approx([0.99 * r, 0.99 * r, 1.01 * r], rel=1e-12)
+
+
+def test_mode_radius_closed_forms():
+    """d = 1: the 3-sigma interval itself; d = 2: |z|^2 ~ Exp(1/2); large d: Wilson-Hilferty's cube-root
+    normal approximation of chi^2_d quantiles (accurate to well under 1% at d >= 64)."""
+    assert MODE_MASS == pytest.approx(0.9973002039367398, abs=1e-15)
+    assert mode_radius(1) == pytest.approx(3.0, rel=1e-12)
+    assert mode_radius(2) == pytest.approx(math.sqrt(-2.0 * math.log1p(-MODE_MASS)), rel=1e-12)
+    z = 2.7821659340  # standard normal quantile of MODE_MASS (one-sided)
+    for d in (64, 256):
+        wh = d * (1 - 2 / (9 * d) + z * math.sqrt(2 / (9 * d))) ** 3
+        assert mode_radius(d) ** 2 == pytest.approx(wh, rel=2e-3)
+    with pytest.raises(ValueError, match="mode_mass"):
+        mode_radius(2, mass=1.0)
+
+
+@pytest.mark.parametrize("dim", [2, 16, 64, 256])
+def test_exact_samples_score_one_in_any_dimension(dim):
+    """Exact mixture samples sit inside their modes (~MODE_MASS) in every dimension; the old fixed radius of
+    3 std rejected almost all of them at d >= 16 (|z| ~ sqrt(d))."""
+    n = 2000
+    gen = torch.Generator().manual_seed(dim)
+    gmm = make_preset("ring8", dim=dim, embed="rotate", seed=1, dtype=F64)
+    x = gmm.sample_p0(n, generator=gen, dtype=F64)[0]
+    stats = mode_statistics(x, gmm)
+    assert stats["mode_precision"] >= 0.99 and stats["modes_covered"] == 1.0
+    assert stats["mode_precision"] == pytest.approx(MODE_MASS, abs=4 * math.sqrt(MODE_MASS * (1 - MODE_MASS) / n))
+    if dim >= 16:
+        assert mode_statistics(x, gmm, std_threshold=3.0)["mode_precision"] < 0.1
+
+
+def test_exact_samples_of_full_covariance_modes():
+    gmm = make_preset("aniso", dim=16, embed="rotate", seed=2, dtype=F64)  # full (K, d, d) covariances
+    x = gmm.sample_p0(3000, generator=torch.Generator().manual_seed(5), dtype=F64)[0]
+    assert mode_statistics(x, gmm)["mode_precision"] >= 0.99
+
+
+@pytest.mark.parametrize("dim", [2, 16, 64, 256])
+def test_off_mode_samples_score_zero(dim):
+    """Three far-apart unit modes; exact samples moved by 2 (sqrt(d) + 3) std along one axis stay assigned to
+    their own mode (the modes are 100 std apart) but lie outside its ball: |z + s e| >= s - |z| ~ sqrt(d) + 6."""
+    means = torch.zeros(3, dim, dtype=F64)
+    means[0, 0], means[1, 1], means[2, 0] = 100.0, 100.0, -100.0
+    gmm = GaussianMixture(torch.ones(3), means, torch.ones(3), dtype=F64)
+    x = gmm.sample_p0(1000, generator=torch.Generator().manual_seed(dim), dtype=F64)[0]
+    shift = torch.zeros(dim, dtype=F64)
+    shift[-1] = 2 * (math.sqrt(dim) + 3)
+    stats = mode_statistics(x + shift, gmm)
+    assert stats["counts"].tolist() == mode_statistics(x, gmm)["counts"].tolist()  # same assignment
+    assert stats["mode_precision"] <= 0.01 and stats["modes_covered"] == 0.0
+    assert mode_statistics(x, gmm)["mode_precision"] >= 0.99
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +231,13 @@ def test_same_distribution_sits_near_floor_and_shift_moves_every_metric_away(rin
     # a shift by two mode standard deviations: every metric gets worse, by a clear margin
     for key in ("w2", "sliced_w2", "mmd2", "nll"):
         assert shifted[key] > same[key] + 0.01, key
-    for key in ("precision", "recall", "density", "coverage", "mode_precision"):
+    for key in ("precision", "recall", "density", "coverage"):
         assert key in HIGHER_IS_BETTER
         assert shifted[key] < same[key] - 0.1, key
+    # mode precision of a 2-std shift: P(|z + 2 e| <= r_2) = P(noncentral chi^2(2 dof, 4) <= r_2^2) = 0.894
+    p_in = float(ncx2.cdf(mode_radius(2) ** 2, 2, 4.0))
+    assert "mode_precision" in HIGHER_IS_BETTER and same["mode_precision"] > 0.98
+    assert shifted["mode_precision"] == pytest.approx(p_in, abs=4 * math.sqrt(p_in * (1 - p_in) / n))
     assert shifted["w2"] > 1.4 * floor["w2"] and shifted["mmd2"] > 10 * abs(floor["mmd2"])
     table = quality_table(shifted, floor)
     assert "| w2 |" in table and table.count("\n") == len(shifted) + 1
@@ -200,6 +271,63 @@ def test_determinism_given_seed(ring):
     f1 = finite_sample_floor(lambda n, g: torch.randn(n, 2, generator=g, dtype=F64), 200, seed=3, num_projections=16)
     f2 = finite_sample_floor(lambda n, g: torch.randn(n, 2, generator=g, dtype=F64), 200, seed=3, num_projections=16)
     assert f1 == f2 and "nll" not in f1
+
+
+def test_spectrum_of_scaled_set_is_scale_squared():
+    """x = s y + c: C_x = s^2 C_y exactly, so every rank ratio and the total variance ratio are s^2."""
+    y = _randn(500, d=5, seed=20) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1], dtype=F64)
+    x = 0.6 * y + torch.tensor([1.0, -2.0, 0.0, 4.0, 0.5], dtype=F64)
+    assert spectrum_ratio(x, y).tolist() == pytest.approx([0.36] * 5, rel=1e-9)
+    assert total_variance_ratio(x, y) == pytest.approx(0.36, rel=1e-12)
+    spec = covariance_spectrum(y)
+    assert torch.all(spec[:-1] >= spec[1:])  # sorted descending
+    assert float(spec.sum()) == pytest.approx(float(torch.trace(torch.from_numpy(np.cov(y.numpy().T)))), rel=1e-12)
+
+
+def test_spectrum_against_gaussian_closed_forms():
+    """Independent samples: C = diag(lambda) gives the sorted lambda; N(0, s^2 C) vs N(0, C) gives ~s^2."""
+    lam = torch.tensor([0.2, 4.0, 1.0, 0.05], dtype=F64)
+    n = 40_000
+    y = _randn(n, d=4, seed=21) * lam.sqrt()
+    x = _randn(n, d=4, seed=22) * lam.sqrt() * 1.5
+    assert covariance_spectrum(y).tolist() == pytest.approx(sorted(lam.tolist(), reverse=True), rel=0.03)
+    assert spectrum_ratio(x, y).tolist() == pytest.approx([2.25] * 4, rel=0.05)
+    assert total_variance_ratio(x, y) == pytest.approx(2.25, rel=0.03)
+    # ranks beyond the reference's rank are NaN: 3 points in 4D have a rank-2 covariance
+    assert torch.isnan(spectrum_ratio(x[:3], y[:3])[2:]).all()
+
+
+def test_posterior_mean_samples_are_shrunk():
+    """The L2-optimal deterministic map E[x0 | x_t] shrinks: for p_0 = N(0, v I) and x_t = x0 + sigma eps,
+    E[x0 | x_t] = v / (v + sigma^2) x_t, whose variance ratio to p_0 is v / (v + sigma^2)."""
+    v, sigma = 0.5, 0.7
+    gmm = GaussianMixture([1.0], torch.zeros(1, 3), [v], dtype=F64)
+    schedule = EDM()
+    g = torch.Generator().manual_seed(23)
+    xt = gmm.sample_pt(20_000, sigma, schedule, generator=g, dtype=F64)[0]
+    shrunk = gmm.posterior_mean_x0(xt, torch.tensor(sigma, dtype=F64), schedule)
+    ref = gmm.sample_p0(20_000, generator=g, dtype=F64)[0]
+    expected = v / (v + sigma**2)
+    assert total_variance_ratio(shrunk, ref) == pytest.approx(expected, rel=0.04)
+    q = sample_quality(shrunk, ref, gmm, max_points=300, num_projections=8, shrinkage=True)
+    assert q["variance_ratio"] == pytest.approx(total_variance_ratio(shrunk, ref), rel=1e-12)
+    assert "variance_ratio" not in sample_quality(shrunk, ref, gmm, max_points=300, num_projections=8)
+    assert "| variance_ratio |" in quality_table(q) and "closer to 1" in quality_table(q)
+
+
+def test_per_sample_terms_average_to_the_set_metrics(ring):
+    gmm, draw = ring
+    x, y = draw(400, 30) + 0.03, draw(400, 31)
+    terms = per_sample_quality(x, y, gmm)
+    q = sample_quality(x, y, gmm, max_points=None, num_projections=8)
+    assert set(terms) == {"precision", "density", "mode_good", "nll"}
+    assert all(v.shape == (400,) for v in terms.values())
+    for key, metric in (("precision", "precision"), ("density", "density"), ("mode_good", "mode_precision"),
+                        ("nll", "nll")):
+        assert float(terms[key].mean()) == pytest.approx(q[metric], rel=1e-12, abs=1e-15), key
+    assert set(per_sample_quality(x, gmm=gmm)) == {"mode_good", "nll"}
+    with pytest.raises(ValueError, match="reference"):
+        per_sample_quality(x)
 
 
 def test_input_validation():

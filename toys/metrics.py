@@ -19,11 +19,22 @@ All reductions run in float64 on CPU. Metrics (lower is better unless marked ^):
   precision = mean_j [exists i: |x_j - y_i| <= r_i];  recall = mean_i [exists j: |y_i - x_j| <= r'_j];
   density = (1 / (k n)) sum_j #{i: |x_j - y_i| <= r_i};  coverage = mean_i [min_j |y_i - x_j| <= r_i].
 * with ``gmm``: each sample is assigned to the component of largest ``w_k N_k(x)`` (its mode);
-  ``mode_precision`` ^ = fraction of samples within ``std_threshold`` = 3 standard deviations of their
-  mode (Mahalanobis ``sqrt((x - m_k)^T C_k^{-1} (x - m_k)) <= 3``); a mode is covered when it receives at
-  least ``coverage_fraction`` = 0.1 of its expected count ``w_k n`` of such samples; ``modes_covered`` ^
-  = fraction of modes covered; ``mode_tv`` = ``1/2 sum_k |n_k / n - w_k|`` (n_k: samples assigned to
-  mode k); ``nll`` = ``-mean log p_0(x)`` (nats).
+  ``mode_precision`` ^ = fraction of samples inside their mode's ball, Mahalanobis
+  ``sqrt((x - m_k)^T C_k^{-1} (x - m_k)) <= r_d`` with the dimension-aware radius
+  ``r_d = sqrt(chi2_d^{-1}(MODE_MASS))``: the radius holding the mass ``MODE_MASS = P(|z| <= 3) = 0.9973``
+  of a 1D 3-sigma interval under ``N(m_k, C_k)`` in d dimensions (r_1 = 3, r_2 = 3.44, r_64 = 9.9,
+  r_256 = 17.9; a fixed 3 would reject nearly every exact sample at d = 64, where ``|z| ~ sqrt(d) = 8``).
+  Exact samples therefore score ~0.997 in any dimension; ``std_threshold`` fixes the radius instead.
+  A mode is covered when it receives at least ``coverage_fraction`` = 0.1 of its expected count ``w_k n``
+  of such samples; ``modes_covered`` ^ = fraction of modes covered; ``mode_tv`` =
+  ``1/2 sum_k |n_k / n - w_k|`` (n_k: samples assigned to mode k); ``nll`` = ``-mean log p_0(x)`` (nats).
+* shrinkage (``shrinkage=True`` in ``sample_quality``): ``variance_ratio`` = ``tr(C_x) / tr(C_ref)`` (target
+  1; < 1 when samples are pulled toward a conditional mean, as plain L2 regression onto a deterministic
+  map does). ``covariance_spectrum`` / ``spectrum_ratio`` give the sorted eigenvalues and their
+  rank-by-rank ratio to the reference.
+
+``per_sample_quality`` gives the per-sample terms whose means are ``precision``, ``density``,
+``mode_precision`` and ``nll``, for bootstrap intervals over evaluation samples (``studies.stats``).
 
 The O(n^2) metrics (w2, mmd2, k-NN) use at most ``max_points`` points of each set, chosen by a seeded
 permutation; everything is deterministic given ``seed``. ``finite_sample_floor`` gives the same dict
@@ -46,8 +57,15 @@ __all__ = [
     "sliced_wasserstein2",
     "mmd2_unbiased",
     "prdc",
+    "MODE_MASS",
+    "TARGET_ONE",
+    "mode_radius",
     "mode_statistics",
     "negative_log_likelihood",
+    "covariance_spectrum",
+    "spectrum_ratio",
+    "total_variance_ratio",
+    "per_sample_quality",
     "sample_quality",
     "finite_sample_floor",
     "quality_table",
@@ -55,6 +73,8 @@ __all__ = [
 
 MMD_BANDWIDTHS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 HIGHER_IS_BETTER = {"precision", "recall", "density", "coverage", "mode_precision", "modes_covered"}
+TARGET_ONE = {"variance_ratio"}  # neither lower nor higher: 1 is a perfect sampler
+MODE_MASS = math.erf(3.0 / math.sqrt(2.0))  # P(|z| <= 3), z ~ N(0, 1): the 1D 3-sigma mass, 0.99730
 
 
 def _dist(a: Tensor, b: Tensor) -> Tensor:
@@ -149,15 +169,15 @@ def _knn_radii(points: np.ndarray, k: int) -> np.ndarray:
     return dist[:, -1]
 
 
-def prdc(x: Tensor, reference: Tensor, k: int = 3, chunk: int = 2048) -> dict[str, float]:
-    """k-NN precision, recall, density and coverage of samples ``x`` against ``reference``."""
-    x, y = _f64(x), _f64(reference)
+def _prdc_terms(x: Tensor, y: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per sample: number of reference k-NN balls containing it; per reference point: recalled (inside
+    some sample ball), distance to the nearest sample, and its own k-NN radius."""
     _check_pair(x, y)
     if min(x.shape[0], y.shape[0]) <= k:
         raise ValueError(f"need more than k={k} points in each set")
     r_ref = torch.from_numpy(_knn_radii(y.numpy(), k))
     r_x = torch.from_numpy(_knn_radii(x.numpy(), k))
-    inside_count = torch.zeros(x.shape[0], dtype=torch.float64)  # per sample: reference balls containing it
+    inside_count = torch.zeros(x.shape[0], dtype=torch.float64)
     recalled = torch.zeros(y.shape[0], dtype=torch.bool)
     nearest_sample = torch.full((y.shape[0],), float("inf"), dtype=torch.float64)
     for lo in range(0, y.shape[0], chunk):
@@ -165,6 +185,13 @@ def prdc(x: Tensor, reference: Tensor, k: int = 3, chunk: int = 2048) -> dict[st
         inside_count += (d <= r_ref[lo:lo + chunk, None]).sum(0)
         recalled[lo:lo + chunk] = (d <= r_x[None, :]).any(1)
         nearest_sample[lo:lo + chunk] = d.min(1).values
+    return inside_count, recalled, nearest_sample, r_ref
+
+
+def prdc(x: Tensor, reference: Tensor, k: int = 3, chunk: int = 2048) -> dict[str, float]:
+    """k-NN precision, recall, density and coverage of samples ``x`` against ``reference``."""
+    x, y = _f64(x), _f64(reference)
+    inside_count, recalled, nearest_sample, r_ref = _prdc_terms(x, y, k, chunk)
     return {
         "precision": float((inside_count > 0).double().mean()),
         "recall": float(recalled.double().mean()),
@@ -174,23 +201,47 @@ def prdc(x: Tensor, reference: Tensor, k: int = 3, chunk: int = 2048) -> dict[st
 
 
 # ------------------------------------------------------------------ mixture-based statistics
-def mode_statistics(x: Tensor, gmm: Any, std_threshold: float = 3.0, coverage_fraction: float = 0.1) -> dict[str, Any]:
+def mode_radius(dim: int, mass: float = MODE_MASS) -> float:
+    """Mahalanobis radius holding ``mass`` of a d-dimensional Gaussian: ``sqrt(chi2_d^{-1}(mass))``
+    (|z| of z ~ N(0, I_d) follows the chi distribution with d degrees of freedom)."""
+    from scipy.stats import chi2
+
+    if not 0.0 < mass < 1.0:
+        raise ValueError(f"mode_mass={mass}; allowed: 0 < mode_mass < 1")
+    return math.sqrt(float(chi2.ppf(mass, int(dim))))
+
+
+def mode_statistics(x: Tensor, gmm: Any, std_threshold: float | None = None, coverage_fraction: float = 0.1,
+                    mode_mass: float = MODE_MASS) -> dict[str, Any]:
     """Mode assignment (largest ``w_k N_k(x)``), Mahalanobis distance to the mode, and the derived statistics.
 
-    Returns floats ``mode_precision``, ``modes_covered``, ``mode_tv`` and arrays (float64 tensors)
-    ``counts`` (samples per mode), ``good_counts`` (within ``std_threshold`` std), ``expected``
-    (``w_k n``), ``per_mode_precision`` (good / assigned, NaN for empty modes) and ``covered`` (bool)."""
+    A sample is *good* when its Mahalanobis distance to its mode is at most ``radius`` =
+    ``mode_radius(d, mode_mass)`` (``std_threshold`` given: that fixed radius). Returns floats
+    ``mode_precision``, ``modes_covered``, ``mode_tv``, ``radius`` and float64 tensors ``counts`` (samples
+    per mode), ``good_counts``, ``expected`` (``w_k n``), ``per_mode_precision`` (good / assigned, NaN for
+    empty modes), ``covered`` (bool), and per sample ``mode`` (index), ``mahalanobis`` and ``good`` (bool)."""
     x = _f64(x)
-    n = x.shape[0]
+    n, d = x.shape
+    radius = float(std_threshold) if std_threshold is not None else mode_radius(d, mode_mass)
     weights = torch.as_tensor(gmm.weights, dtype=torch.float64)
     means = torch.as_tensor(gmm.means, dtype=torch.float64)
-    covs = torch.as_tensor(gmm.covs, dtype=torch.float64)
     K = means.shape[0]
-    mode = gmm.component_log_probs(x).argmax(-1)
-    diff = x - means[mode]
-    chol = torch.linalg.cholesky(covs)[mode]  # (n, d, d)
-    z = torch.linalg.solve_triangular(chol, diff[:, :, None], upper=False)[..., 0]
-    good = z.norm(dim=-1) <= std_threshold
+    mode = gmm.component_log_probs(x).argmax(-1).cpu()
+    maha = torch.empty(n, dtype=torch.float64)
+    if getattr(gmm, "cov_type", "full") in ("isotropic", "diagonal"):  # no factorisation needed
+        var = torch.as_tensor(gmm.component_variances, dtype=torch.float64)
+        var = var[:, None].expand(K, d) if var.dim() == 1 else var
+        for k in mode.unique().tolist():
+            idx = mode == k
+            q = (x[idx] - means[k]).pow(2) / var[k]
+            maha[idx] = torch.nan_to_num(q, nan=0.0).sum(1).sqrt()  # 0 / 0 on a point mass: on the mode
+    else:
+        chol = torch.linalg.cholesky(torch.as_tensor(gmm.covs, dtype=torch.float64))  # (K, d, d)
+        for k in mode.unique().tolist():  # one triangular solve per mode, not an (n, d, d) stack
+            idx = mode == k
+            z = torch.linalg.solve_triangular(chol[k], (x[idx] - means[k]).T, upper=False)
+            maha[idx] = z.norm(dim=0)
+    good = maha <= radius
     counts = torch.bincount(mode, minlength=K).double()
     good_counts = torch.bincount(mode[good], minlength=K).double()
     expected = weights * n
@@ -199,17 +250,76 @@ def mode_statistics(x: Tensor, gmm: Any, std_threshold: float = 3.0, coverage_fr
         "mode_precision": float(good.double().mean()),
         "modes_covered": float(covered.double().mean()),
         "mode_tv": float(0.5 * (counts / n - weights).abs().sum()),
+        "radius": radius,
         "counts": counts,
         "good_counts": good_counts,
         "expected": expected,
         "per_mode_precision": torch.where(counts > 0, good_counts / counts.clamp(min=1), torch.nan),
         "covered": covered,
+        "mode": mode,
+        "mahalanobis": maha,
+        "good": good,
     }
 
 
 def negative_log_likelihood(x: Tensor, gmm: Any) -> float:
     """``-mean_i log p_0(x_i)`` under the true mixture (nats, float64)."""
     return float(-gmm.log_prob(_f64(x)).mean())
+
+
+# ------------------------------------------------------------------ shrinkage: covariance spectra
+def covariance_spectrum(x: Tensor) -> Tensor:
+    """Eigenvalues of the sample covariance ``C_x = (x - xbar)^T (x - xbar) / (n - 1)``, sorted descending
+    (float64, (d,); round-off negatives clipped to 0)."""
+    x = _f64(x)
+    if x.shape[0] < 2:
+        raise ValueError("need at least 2 points for a covariance")
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / (x.shape[0] - 1)
+    return torch.linalg.eigvalsh(cov).flip(0).clamp(min=0.0)
+
+
+def spectrum_ratio(x: Tensor, reference: Tensor, rel_eps: float = 1e-10) -> Tensor:
+    """Rank-by-rank ratio ``lambda_i(C_x) / lambda_i(C_ref)`` of the sorted spectra (i = 1 largest).
+
+    Rank matching compares the spread along each set's own principal axes, not along shared directions.
+    Ranks whose reference eigenvalue is ``<= rel_eps * lambda_1(C_ref)`` (e.g. beyond ``n_ref - 1``) are NaN.
+    A sample set that is the reference scaled by ``s`` has every ratio ``s^2``."""
+    x, y = _f64(x), _f64(reference)
+    _check_pair(x, y)
+    lx, ly = covariance_spectrum(x), covariance_spectrum(y)
+    return torch.where(ly > rel_eps * ly[0], lx / ly.clamp(min=torch.finfo(torch.float64).tiny), torch.nan)
+
+
+def total_variance_ratio(x: Tensor, reference: Tensor) -> float:
+    """``tr(C_x) / tr(C_ref)``: total variance of the samples over that of the reference (1: no shrinkage)."""
+    x, y = _f64(x), _f64(reference)
+    _check_pair(x, y)
+    return float(x.var(0, unbiased=True).sum() / y.var(0, unbiased=True).sum())
+
+
+# ------------------------------------------------------------------ per-sample terms (for bootstraps)
+def per_sample_quality(x: Tensor, reference: Tensor | None = None, gmm: Any = None, k: int = 3,
+                       std_threshold: float | None = None, mode_mass: float = MODE_MASS,
+                       chunk: int = 2048) -> dict[str, Tensor]:
+    """Per-sample terms (float64, (n,)) whose means are set metrics of ``sample_quality`` on the same sets:
+
+    with ``reference``: ``precision`` (1 if inside some reference k-NN ball) and ``density``
+    (``#{i: |x_j - y_i| <= r_i} / k``); with ``gmm``: ``mode_good`` (1 if inside its mode's ball; mean =
+    ``mode_precision``) and ``nll`` (``-log p_0(x_j)``). Pass the sets ``sample_quality`` used (it
+    subsamples k-NN metrics to ``max_points``) to reproduce its values exactly."""
+    x = _f64(x)
+    out: dict[str, Tensor] = {}
+    if reference is not None:
+        inside_count = _prdc_terms(x, _f64(reference), k, chunk)[0]
+        out["precision"] = (inside_count > 0).double()
+        out["density"] = inside_count / k
+    if gmm is not None:
+        out["mode_good"] = mode_statistics(x, gmm, std_threshold, mode_mass=mode_mass)["good"].double()
+        out["nll"] = -gmm.log_prob(x).to(torch.float64).cpu()
+    if not out:
+        raise ValueError("pass a reference set, a gmm, or both")
+    return out
 
 
 # ------------------------------------------------------------------ everything at once
@@ -228,13 +338,17 @@ def sample_quality(
     k: int = 3,
     num_projections: int = 256,
     bandwidths: Sequence[float] = MMD_BANDWIDTHS,
-    std_threshold: float = 3.0,
+    std_threshold: float | None = None,
     coverage_fraction: float = 0.1,
+    mode_mass: float = MODE_MASS,
+    shrinkage: bool = False,
 ) -> dict[str, float]:
     """All metrics of the module docstring as a dict of floats, deterministic given ``seed``.
 
     ``w2``, ``mmd2`` and the k-NN metrics use a seeded subsample of at most ``max_points`` points of
-    each set (``None``: all); ``sliced_w2`` and the mixture statistics use every point."""
+    each set (``None``: all); ``sliced_w2``, the mixture statistics and ``variance_ratio`` (only with
+    ``shrinkage=True``) use every point. Mode balls: radius ``mode_radius(d, mode_mass)``, or
+    ``std_threshold`` when given (the fixed radius of earlier versions was 3)."""
     x, y = _f64(x), _f64(reference)
     _check_pair(x, y)
     g = torch.Generator().manual_seed(int(seed))
@@ -246,9 +360,11 @@ def sample_quality(
         **prdc(xs, ys, k=k),
     }
     if gmm is not None:
-        stats = mode_statistics(x, gmm, std_threshold, coverage_fraction)
+        stats = mode_statistics(x, gmm, std_threshold, coverage_fraction, mode_mass)
         out.update({key: stats[key] for key in ("mode_precision", "modes_covered", "mode_tv")})
         out["nll"] = negative_log_likelihood(x, gmm)
+    if shrinkage:
+        out["variance_ratio"] = total_variance_ratio(x, y)
     return out
 
 
@@ -286,5 +402,6 @@ def quality_table(metrics: dict[str, float], floor: dict[str, float] | None = No
     lines = ["| metric | value | floor | better |", "|---|---|---|---|"]
     for key, value in metrics.items():
         fl = "" if floor is None or key not in floor else f"{floor[key]:.4g}"
-        lines.append(f"| {key} | {value:.4g} | {fl} | {'higher' if key in HIGHER_IS_BETTER else 'lower'} |")
+        better = "closer to 1" if key in TARGET_ONE else "higher" if key in HIGHER_IS_BETTER else "lower"
+        lines.append(f"| {key} | {value:.4g} | {fl} | {better} |")
     return "\n".join(lines)
