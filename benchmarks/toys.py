@@ -7,7 +7,7 @@
    SDXL schedule, skip grid N=20, exact teacher, DDIM) trained for ``--speedup-steps`` steps at once,
    against the same members trained one after another; target: >= 3x faster (CD and Direct CD);
 3. wall time of one full CD and one full Direct CD training run (one member) at the defaults of
-   ``python -m studies.score_error`` (``train.steps`` steps), including its Direct CD pool build.
+   ``python -m studies.score_error`` (``train.train_steps`` steps), including its Direct CD pool build.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _setup():
     cfg = ScoreErrorConfig()
     gmm = make_preset(cfg.preset)
     sch = make_schedule(cfg.schedule)
-    grid = make_grid(cfg.grid, sch, cfg.num_steps)
+    grid = make_grid(cfg.grid, sch, cfg.grid_size)
     teacher = gmm.exact_denoiser(sch)
     sample = lambda n, g: gmm.sample_p0(n, g)[0]  # noqa: E731
     return cfg, sch, grid, teacher, sample
@@ -54,7 +54,7 @@ def ensemble_speedup(members: int, steps: int) -> dict[str, dict[str, float]]:
     route = Route(teacher, "ddim", pool)
     out = {}
     for method in ("cd", "direct_cd"):
-        tc = cfg.train.model_copy(update={"method": method, "steps": steps})
+        tc = cfg.train.model_copy(update={"method": method, "train_steps": steps})
         st = make_ensemble_student(cfg.network, sch, list(range(members)), boundary=cfg.boundary)
         ens = train_ensemble(tc, st, route, grid, sample, progress=False).seconds
         seq = 0.0
@@ -69,7 +69,7 @@ def full_runs() -> dict[str, float]:
     cfg, sch, grid, teacher, sample = _setup()
     t0 = time.perf_counter()
     pool = TargetPool.build(teacher, "ddim", grid, sch, sample, cfg.train.pool_size, cfg.train.pool_seed)
-    out = {"pool_build_s": time.perf_counter() - t0, "steps": cfg.train.steps}
+    out = {"pool_build_s": time.perf_counter() - t0, "steps": cfg.train.train_steps}
     for method in ("cd", "direct_cd"):
         st = make_ensemble_student(cfg.network, sch, [0], boundary=cfg.boundary)
         tc = cfg.train.model_copy(update={"method": method})

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from odecm.config import StrictModel, load_config
+from odecm.config import SolverName, StrictModel
 
 from .teacher import SDXL_BASE
 
@@ -42,9 +42,11 @@ class EvalModelConfig(StrictModel):
 class ReferenceConfig(StrictModel):
     """Teacher solutions ``f_solver(x_T, T, 0)`` on the N-step skip grid from stored shared noise."""
 
+    renamed_keys = {"num_steps": "grid_size"}
+
     model: EvalModelConfig = EvalModelConfig()
-    solver: Literal["ddim", "euler", "heun"] = "ddim"
-    num_steps: int = Field(100, ge=1, description="N of the skip grid (must divide 1000)")
+    solver: SolverName = "ddim"
+    grid_size: int = Field(100, ge=1, description="N of the skip grid (must divide 1000)")
     guidance_scale: float = Field(9.0, ge=0)
     cfg_convention: Literal["imagen", "lcm"] = "imagen"
     uncond: Literal["zeros", "empty"] = "zeros"
@@ -112,12 +114,11 @@ def resolve_model(model: EvalModelConfig, cache_dir: str | Path) -> str:
     return str(folder)
 
 
-def cli_config(model_cls, argv=None, description: str = ""):
-    """``--config FILE --set key=value ...`` -> a validated ``model_cls``."""
+def cli_config(model_cls, argv=None, description: str = "", prog: str | None = None):
+    """``--config FILE --set key=value ...`` (``odecm.cli``) -> a validated ``model_cls``."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", default=None, help="YAML/JSON config file")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. solver=heun")
-    args = ap.parse_args(argv)
-    return load_config(model_cls, args.config, args.set)
+    from odecm.cli import add_config_args, config_from_args
+
+    ap = add_config_args(argparse.ArgumentParser(prog=prog, description=description))
+    return config_from_args(model_cls, ap.parse_args(argv))

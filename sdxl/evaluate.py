@@ -113,7 +113,7 @@ def evaluate(cfg: EvaluateConfig, extractors: dict[str, Any] | None = None, skip
     teacher_row = image_metrics(teacher_images, captions, extractors, cfg,
                                 {k: v for k, v in against.items() if k != "teacher"})
     result = {
-        "labels": sman.get("labels", {}), "teacher": {"solver": rman["key"]["solver"], "num_steps": rman["key"]["num_steps"],
+        "labels": sman.get("labels", {}), "teacher": {"solver": rman["key"]["solver"], "grid_size": rman["key"]["grid_size"],
                                                       "guidance_scale": rman["key"]["guidance_scale"], **teacher_row},
         "k": per_k, "num_captions": len(captions), "skipped": skipped, "samples": str(samples), "reference": str(ref),
         "config": cfg.model_dump(mode="json"),
@@ -140,7 +140,7 @@ def metrics_table(result: dict) -> str:
     lab = result.get("labels", {})
     cols = [c for c in COLUMNS if any(c[0] in m for m in [*result["k"].values(), result["teacher"]])]
     lines = [f"# {lab.get('method', 'student')} / {lab.get('solver', '?')} vs teacher "
-             f"({result['teacher']['solver']}, N={result['teacher']['num_steps']}, w={result['teacher']['guidance_scale']:g}); "
+             f"({result['teacher']['solver']}, N={result['teacher']['grid_size']}, w={result['teacher']['guidance_scale']:g}); "
              f"{result['num_captions']} captions", "",
              "| row | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for k, m in result["k"].items():
@@ -152,10 +152,13 @@ def metrics_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    cfg = cli_config(EvaluateConfig, argv, "ODE error, FID, FD-DINO, CLIP score and aesthetic of a student sample set.")
+    cfg = cli_config(EvaluateConfig, argv, "ODE error, FID, FD-DINO, CLIP score and aesthetic of a student sample set.",
+                     prog="python -m sdxl.evaluate")
     result = evaluate(cfg)
     print(metrics_table(result))
 
 
 if __name__ == "__main__":
-    main()
+    from odecm.cli import run_main
+
+    run_main(main)

@@ -345,18 +345,11 @@ def cond(batch: dict, device: str | torch.device | None = None, dtype: torch.dty
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m sdxl.latent_cache", description=__doc__.split("\n\n")[0])
-    fields = LatentCacheConfig.model_fields
-    for name, info in fields.items():
-        flag = "--" + name.replace("_", "-")
-        if info.annotation is bool:
-            parser.add_argument(flag, action="store_true", help=f"(default {info.default})")
-        else:
-            required = info.is_required()
-            parser.add_argument(flag, required=required, default=None if required else info.default,
-                                help=None if required else f"(default {info.default})")
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    cfg = LatentCacheConfig(**args)
+    from odecm.cli import add_config_args, config_from_args
+
+    parser = add_config_args(argparse.ArgumentParser(prog="python -m sdxl.latent_cache",
+                                                     description=__doc__.split("\n\n")[0]))
+    cfg = config_from_args(LatentCacheConfig, parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder = build_cache(cfg)
     index = json.loads((folder / "index.json").read_text())
@@ -365,4 +358,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from odecm.cli import run_main
+
+    run_main(main)

@@ -109,7 +109,7 @@ def precompute(cfg, accelerator=None, progress: bool = True) -> Path:
     teacher = make_teacher(parts.unet, schedule, cfg.teacher.guidance_scale, cfg.teacher.cfg_convention,
                            cfg.teacher.uncond, empty_embeddings=empty,
                            prediction_type=parts.scheduler_config.get("prediction_type", "epsilon"))
-    grid = make_grid(cfg.distill.grid, schedule, cfg.distill.num_steps)
+    grid = make_grid(cfg.distill.grid, schedule, cfg.distill.grid_size)
     provider = DirectCDTarget(teacher, get_solver(cfg.distill.solver), grid, mask_mode=cfg.distill.mask_mode)
 
     # dataset in fixed order (no shuffling); the same loaders as training
@@ -153,7 +153,7 @@ def precompute(cfg, accelerator=None, progress: bool = True) -> Path:
                 cond = batch_cond(batch, parts, acc.device)
             for _ in range(P.targets_per_example):
                 B = len(items)
-                n = draw_indices(B, cfg.distill.num_steps, cfg.distill.index_scheme, gen)
+                n = draw_indices(B, cfg.distill.grid_size, cfg.distill.index_scheme, gen)
                 vae_eps = torch.randn(mean.shape, generator=gen)
                 noise = torch.randn(mean.shape, generator=gen)
                 x0 = mean.float().cpu() + (std.float().cpu() * vae_eps if cfg.data.vae_sample else 0.0)
@@ -187,7 +187,7 @@ def precompute(cfg, accelerator=None, progress: bool = True) -> Path:
         index = {"complete": True, "shards": shards, "num_examples": len(dataset) - skipped_total,
                  "skipped_unreadable": skipped_total,
                  "targets_per_example": P.targets_per_example, "solver": cfg.distill.solver,
-                 "num_steps": cfg.distill.num_steps, "mask_mode": cfg.distill.mask_mode,
+                 "grid_size": cfg.distill.grid_size, "mask_mode": cfg.distill.mask_mode,
                  "guidance_scale": cfg.teacher.guidance_scale, "cfg_convention": cfg.teacher.cfg_convention,
                  "uncond": cfg.teacher.uncond, "model": cfg.model.pretrained, "seed": cfg.distill.seed,
                  "seconds": time.perf_counter() - t0, "teacher_calls_rank0": calls}
@@ -199,15 +199,18 @@ def precompute(cfg, accelerator=None, progress: bool = True) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     from .train_config import load_train_config
 
-    p = argparse.ArgumentParser(prog="python -m sdxl.precompute_targets", description="store Direct CD targets once")
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    from odecm.cli import add_config_args, overrides_from
+
+    p = add_config_args(argparse.ArgumentParser(prog="python -m sdxl.precompute_targets",
+                                                description="store Direct CD targets once"))
     args = p.parse_args(argv)
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, overrides_from(args))
     out = precompute(cfg, progress=cfg.progress)
     print(f"targets written to {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    from odecm.cli import run_main
+
+    run_main(main)

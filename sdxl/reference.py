@@ -198,7 +198,7 @@ def reference_key(cfg: ReferenceConfig, model_id: str, captions_hash: str, n: in
 
     return {
         "model": _weights_id(model_id), "vae": cfg.model.vae, "dtype": cfg.model.dtype,
-        "timestep_offset": cfg.model.timestep_offset, "solver": cfg.solver, "num_steps": cfg.num_steps,
+        "timestep_offset": cfg.model.timestep_offset, "solver": cfg.solver, "grid_size": cfg.grid_size,
         "grid": "skip", "guidance_scale": cfg.guidance_scale, "cfg_convention": cfg.cfg_convention,
         "uncond": cfg.uncond, "captions_sha256": captions_hash, "num_captions": n, "noise_seed": cfg.noise_seed,
         "resolution": cfg.resolution,
@@ -210,7 +210,7 @@ def reference_folder(cfg: ReferenceConfig) -> tuple[Path, dict]:
     n = len(read_captions(cfg.captions, cfg.num_captions))
     key = reference_key(cfg, model_id, file_sha256(cfg.captions), n)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{cfg.solver}-N{cfg.num_steps}-w{cfg.guidance_scale:g}-{digest}"
+    name = f"{cfg.solver}-N{cfg.grid_size}-w{cfg.guidance_scale:g}-{digest}"
     return Path(cfg.cache_dir) / "reference" / name, key
 
 
@@ -258,10 +258,10 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
     teacher = NFECounter(make_teacher(bundle.parts.unet, bundle.schedule, cfg.guidance_scale, cfg.cfg_convention,
                                       cfg.uncond, prompt_encoder=bundle.prompt_encoder,
                                       prediction_type=bundle.prediction_type))
-    grid = skip(bundle.schedule, cfg.num_steps)
+    grid = skip(bundle.schedule, cfg.grid_size)
     solver = get_solver(cfg.solver)
     mine = [j for j in todo if j % state.num_processes == state.process_index]
-    for j in tqdm(mine, desc=f"reference {cfg.solver} N={cfg.num_steps}", disable=not cfg.progress):
+    for j in tqdm(mine, desc=f"reference {cfg.solver} N={cfg.grid_size}", disable=not cfg.progress):
         idx = shards[j]
         outs = []
         for b in range(0, len(idx), cfg.batch_size):
@@ -269,7 +269,7 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
             x_T = noise[bi].to(device)
             cond = bundle.cond([captions[i] for i in bi], cfg.resolution)
             with torch.no_grad():
-                res = solve(solver, teacher, x_T, grid, start_index=cfg.num_steps, cond=cond)
+                res = solve(solver, teacher, x_T, grid, start_index=cfg.grid_size, cond=cond)
             lat = res.x.float()
             if cfg.decode:
                 save_images(latents_to_images(bundle.parts.vae, lat), [image_path(folder, i) for i in bi])
@@ -286,10 +286,13 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
 
 
 def main(argv=None) -> None:
-    cfg = cli_config(ReferenceConfig, argv, "Teacher reference solutions (shared noise, N-step skip grid).")
+    cfg = cli_config(ReferenceConfig, argv, "Teacher reference solutions (shared noise, N-step skip grid).",
+                     prog="python -m sdxl.reference")
     folder, stats = run_reference(cfg)
     print(json.dumps({"folder": str(folder), **stats}))
 
 
 if __name__ == "__main__":
-    main()
+    from odecm.cli import run_main
+
+    run_main(main)

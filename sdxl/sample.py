@@ -169,10 +169,13 @@ def run_sample(cfg: SampleConfig, loader: Callable[[], tuple[SDXLBundle, Any]] |
 
 
 def main(argv=None) -> None:
-    cfg = cli_config(SampleConfig, argv, "Student k-step samples from the reference's shared noise.")
+    cfg = cli_config(SampleConfig, argv, "Student k-step samples from the reference's shared noise.",
+                     prog="python -m sdxl.sample")
     out, stats = run_sample(cfg)
     print(json.dumps({"out_dir": str(out), **{k: v for k, v in stats.items()}}, default=str))
 
 
 if __name__ == "__main__":
-    main()
+    from odecm.cli import run_main
+
+    run_main(main)

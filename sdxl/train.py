@@ -1,6 +1,6 @@
 """SDXL consistency distillation (CD) and Direct CD through odecm's one core.
 
-    python -m sdxl.train --config sdxl/configs/cd_ddim.yaml [--set distill.steps=10 ...] [--resume latest]
+    python -m sdxl.train --config sdxl/configs/cd_ddim.yaml [--set distill.train_steps=10 ...] [--resume latest]
     accelerate launch --num_processes 8 -m sdxl.train --config ...          # several GPUs
     accelerate launch --cpu --num_processes 2 -m sdxl.train --config tiny_cpu  # two CPU processes
 
@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from odecm.cli import add_config_args, overrides_from, provenance, run_main
 from odecm.config import save_config
 from odecm.consistency import LCMBoundary
 from odecm.grids import make_grid
@@ -148,7 +149,7 @@ def build_run(cfg: SDXLTrainConfig, accelerator=None) -> Run:
     teacher = make_teacher(student.teacher_unet, schedule, cfg.teacher.guidance_scale, cfg.teacher.cfg_convention,
                            cfg.teacher.uncond, empty_embeddings=empty, prediction_type=prediction_type,
                            base_model=s.kind == "lora")
-    grid = make_grid(cfg.distill.grid, schedule, cfg.distill.num_steps)
+    grid = make_grid(cfg.distill.grid, schedule, cfg.distill.grid_size)
     solver = get_solver(cfg.distill.solver)
     trainable_names = {k for k, p in student.named_parameters() if p.requires_grad}
     target = EMATarget(student, cfg.distill.target.rate, params=lambda name: name in trainable_names)
@@ -270,7 +271,7 @@ def make_loss_fn(run: Run) -> Callable[[int, torch.Generator], dict]:
                                      target=batch["target"].float().to(device), distance=distance,
                                      weighting=d.weighting)
         else:
-            n = draw_indices(B, d.num_steps, d.index_scheme, generator)[mine].to(device)
+            n = draw_indices(B, d.grid_size, d.index_scheme, generator)[mine].to(device)
             mean, std = batch_posterior(batch, run.parts.vae, cfg.data.vae_batch_size)
             shape = (B, *mean.shape[1:])
             vae_eps = torch.randn(shape, generator=generator)[mine].to(device)
@@ -308,9 +309,9 @@ def train(cfg: SDXLTrainConfig, resume: str | None = None, accelerator=None) -> 
     acc = run.accelerator
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.json")
+        save_config(cfg, out / "config.json", provenance=provenance())
     d = cfg.distill
-    tcfg = TrainerConfig(steps=d.steps, grad_clip=d.optim.grad_clip, log_every=cfg.log_every,
+    tcfg = TrainerConfig(steps=d.train_steps, grad_clip=d.optim.grad_clip, log_every=cfg.log_every,
                          checkpoint_every=d.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
                          max_nonfinite=d.max_nonfinite, seed=d.seed, progress=cfg.progress)
     trainer = Trainer(run.student_fn, run.optimizer, make_loss_fn(run), out, tcfg, target=run.target,
@@ -359,18 +360,16 @@ def latest_step(out_dir: Path) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdxl.train", description="SDXL CD / Direct CD distillation")
-    p.add_argument("--config", help="YAML/JSON file or a name in sdxl/configs (cd_ddim, direct_cd_heun, tiny_cpu ...)")
-    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. distill.steps=10 model.pretrained=/weights/sdxl")
+    add_config_args(p, "YAML/JSON file or a name in sdxl/configs (cd_ddim, direct_cd_heun, tiny_cpu ...)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = load_train_config(args.config, overrides_from(args))
     return train(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

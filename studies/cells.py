@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import Field
 
-from odecm.config import StrictModel
+from odecm.config import SolverName, StrictModel
 from odecm.grids import make_grid
 from odecm.metrics import per_sample_sq_error
 from odecm.schedules import NoiseSchedule, make_schedule
@@ -86,10 +86,12 @@ class WorldConfig(StrictModel):
     the paper (and ``studies.score_error``): SDXL's discrete schedule, the LCM skip grid with N = 20,
     DDIM, LCM boundary scalings."""
 
+    renamed_keys = {"num_steps": "grid_size"}
+
     schedule: Literal["vp", "vp_cosine", "ve", "edm", "sdxl"] = "sdxl"
     grid: Literal["uniform", "karras", "skip"] = "skip"
-    solver: Literal["ddim", "euler", "heun"] = "ddim"
-    num_steps: int = Field(20, ge=1, description="N")
+    solver: SolverName = "ddim"
+    grid_size: int = Field(20, ge=1, description="N, the number of grid intervals")
     boundary: Literal["lcm", "edm"] = "lcm"
 
 
@@ -117,11 +119,11 @@ class World:
         return self.gmm.sample_p0(n, g)[0]
 
 
-def build_world(data: DataConfig, world: WorldConfig, solver: str | None = None, num_steps: int | None = None) -> World:
-    """The world of ``data`` and ``world`` (``solver`` / ``num_steps`` override the config's)."""
+def build_world(data: DataConfig, world: WorldConfig, solver: str | None = None, grid_size: int | None = None) -> World:
+    """The world of ``data`` and ``world`` (``solver`` / ``grid_size`` override the config's)."""
     gmm = data.build()
     schedule = make_schedule(world.schedule)
-    grid = make_grid(world.grid, schedule, num_steps or world.num_steps)
+    grid = make_grid(world.grid, schedule, grid_size or world.grid_size)
     return World(gmm, schedule, grid, solver or world.solver, world.boundary, gmm.exact_denoiser(schedule))
 
 
@@ -274,7 +276,7 @@ def run_study(study: str, model, quick: dict[str, Any], run: Callable, table: Ca
         cfg = cfg.model_copy(update=updates)
     common.set_threads(cfg.threads)
     out = common.results_folder(study, args)
-    common.save_config(out, cfg, study=study, argv=list(argv) if argv is not None else None, quick=args.quick)
+    common.save_config(out, cfg, argv=argv, study=study, quick=bool(args.quick))
     t0 = time.perf_counter()
     metrics = run(cfg)
     metrics.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0

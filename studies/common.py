@@ -1,13 +1,15 @@
 """Shared plumbing of the ``python -m studies.<name>`` entry points.
 
-* CLI: ``--config FILE`` (YAML / JSON), ``--set key=value`` (repeatable, dotted keys, YAML values),
-  ``--quick`` (the study's reduced sweep), ``--out DIR`` (default ``results/<study>/<timestamp>``),
-  ``--threads N`` (torch intra-op threads), ``--no-progress``. ``parse_args`` + ``resolve_config``.
-* Config: pydantic models via ``odecm.config.load_config`` — defaults <- quick preset <- file <-
-  ``--set``; unknown keys / bad values raise ``odecm.config.ConfigError`` naming the key and the
-  allowed values.
-* Results folder: ``config.json`` (fully resolved, with the seeds), ``metrics.json``, ``table.md``
-  (also printed), PNG plots (matplotlib, Agg backend).
+* CLI (``odecm.cli``): ``--config FILE`` (YAML / JSON; a run's ``config.json`` replays it),
+  ``--set key=value ...`` (dotted keys, YAML values; repeatable, a key given twice is an error),
+  ``--quick`` (the study's reduced sweep, a smoke run), ``--out DIR`` (default
+  ``results/<study>/<timestamp>``; a folder holding results is refused unless ``--overwrite``),
+  ``--threads N`` (torch intra-op threads, N >= 1), ``--no-progress``. ``parse_args`` + ``resolve_config``.
+* Config: pydantic models via ``odecm.config`` — defaults <- quick preset <- file <- ``--set``;
+  unknown keys / bad values raise ``odecm.config.ConfigError`` naming the key and the allowed values;
+  ``odecm.cli.run_main`` prints them as one line each, without a traceback.
+* Results folder: ``config.json`` (the fully resolved config plus ``_provenance``), ``metrics.json``,
+  ``table.md`` (also printed), plots (matplotlib, Agg backend).
 * Statistics over seeds: ``stat(values) -> {"mean", "std", "values"}`` (std with ddof = 1) and
   ``fmt_stat`` ("mean ± std"); the same schema as ``studies.report``.
 * ``seeded(seed)``: a ``torch.Generator`` and the global torch / Python / NumPy RNGs set from one seed.
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TypeVar
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from odecm.config import ConfigError, load_config
+from odecm.cli import InputError, add_config_args, config_from_args, positive_int, provenance
+from odecm.config import ConfigError
 
 __all__ = [
     "parse_args",
@@ -46,6 +50,7 @@ __all__ = [
     "save_figure",
     "Timer",
     "ConfigError",
+    "InputError",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -54,15 +59,15 @@ M = TypeVar("M", bound=BaseModel)
 # --- command line and configuration ------------------------------------------------------------
 
 def parse_args(study: str, argv: Sequence[str] | None = None, description: str = "") -> argparse.Namespace:
-    """The common flags of every study (see module docstring)."""
+    """The common flags of every study (see module docstring); ``--set`` follows ``odecm.cli``."""
     ap = argparse.ArgumentParser(prog=f"python -m studies.{study}", description=description)
-    ap.add_argument("--config", default=None, help="YAML / JSON config file")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key (repeatable), e.g. --set train.steps=500")
-    ap.add_argument("--quick", action="store_true", help="the reduced sweep (smoke run)")
-    ap.add_argument("--out", default=None, help="results folder (default results/<study>/<timestamp>)")
+    add_config_args(ap)
+    ap.add_argument("--quick", action="store_true", help="the reduced sweep (a smoke run: never evidence)")
+    ap.add_argument("--out", default=None, help="results folder (default results/<study>/<timestamp>); "
+                                                "refused if it already holds results, unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true", help="clear an existing --out folder first")
     ap.add_argument("--results", default="results", help="results root for the default folder")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: config)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: config)")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return ap.parse_args(list(argv) if argv is not None else None)
 
@@ -70,14 +75,27 @@ def parse_args(study: str, argv: Sequence[str] | None = None, description: str =
 def resolve_config(model: type[M], args: argparse.Namespace, quick: dict[str, Any] | None = None) -> M:
     """defaults <- ``quick`` (when ``--quick``) <- ``--config`` file <- ``--set`` overrides, validated."""
     base = dict(quick or {}) if getattr(args, "quick", False) else {}
-    return load_config(model, args.config, args.overrides, base=base)
+    return config_from_args(model, args, base=base)
 
 
-def results_folder(study: str, args: argparse.Namespace | None = None, out: str | Path | None = None) -> Path:
-    """``--out`` if given, else ``<results>/<study>/<YYYYmmdd-HHMMSS>[-quick]`` (never reused)."""
-    out = out or (getattr(args, "out", None) if args is not None else None)
-    if out:
+def results_folder(study: str, args: argparse.Namespace | None = None, out: str | Path | None = None,
+                   create: bool = True) -> Path:
+    """``--out`` if given, else ``<results>/<study>/<YYYYmmdd-HHMMSS>[-quick]`` (never reused).
+
+    An ``--out`` folder that already holds files is refused (``InputError``) unless ``--overwrite``,
+    which clears it first; an empty ``--out=`` is refused too. ``create=False`` only checks."""
+    out = out if out is not None else (getattr(args, "out", None) if args is not None else None)
+    if out is not None:
+        if str(out).strip() == "":
+            raise InputError("--out: empty path; give a folder (default: results/<study>/<timestamp>)")
         path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"--out: {path} exists and is not a folder")
+        if path.is_dir() and any(path.iterdir()):
+            if not getattr(args, "overwrite", False):
+                raise InputError(f"--out: {path} already holds results; choose a new folder or pass --overwrite")
+            if create:
+                shutil.rmtree(path)
     else:
         root = Path(getattr(args, "results", "results") if args is not None else "results")
         stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if getattr(args, "quick", False) else "")
@@ -86,7 +104,8 @@ def results_folder(study: str, args: argparse.Namespace | None = None, out: str 
         while path.exists():
             path = root / study / f"{stamp}~{i}"
             i += 1
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -121,10 +140,12 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def save_config(folder: str | Path, config: BaseModel, **extra: Any) -> Path:
-    """``config.json``: the fully resolved config plus ``extra`` (seeds, argv, versions, ...)."""
-    data = {"config": config.model_dump(mode="json"), **extra,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+def save_config(folder: str | Path, config: BaseModel, argv: Sequence[str] | None = None, **extra: Any) -> Path:
+    """``config.json``: the fully resolved config (a valid ``--config``: replaying it gives the same
+    numbers) plus a ``_provenance`` block that loading ignores: git commit and dirty flag, package
+    versions, the command line, torch threads and ``extra`` (e.g. ``quick``)."""
+    data = {**config.model_dump(mode="json"),
+            "_provenance": {**provenance(argv), "threads": torch.get_num_threads(), **extra}}
     return write_json(Path(folder) / "config.json", data)
 
 

@@ -3,7 +3,7 @@ Direct CD. Does CD still give better samples although Direct CD has the lower OD
 
 ``python -m studies.inductive_bias [--quick] [--set key=value ...]``
 
-Sweeps (each one factor away from the base point ``network.width/depth``, ``train.steps``,
+Sweeps (each one factor away from the base point ``network.width/depth``, ``train.train_steps``,
 ``train.ema_rate``, all with the exact GMM teacher and the identity decoder):
 
 * ``capacity`` — student (width, depth) pairs;
@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from odecm.cli import run_main
 from odecm.config import StrictModel
 from toys.ensemble import TargetPool, TrainConfig
 from toys.networks import NetworkConfig, count_parameters
@@ -40,7 +41,7 @@ class InductiveBiasConfig(StrictModel):
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
     network: NetworkConfig = NetworkConfig(width=64, depth=3)
-    train: TrainConfig = TrainConfig(steps=1500, batch_size=128, pool_size=2**16, log_every=100)
+    train: TrainConfig = TrainConfig(train_steps=1500, batch_size=128, pool_size=2**16, log_every=100)
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     sweeps: list[Sweep] = Field(default_factory=lambda: ["capacity", "budget", "target", "dimension"])
@@ -59,9 +60,9 @@ class InductiveBiasConfig(StrictModel):
 QUICK: dict[str, Any] = {
     "seeds": [0, 1],
     "network": {"width": 16, "depth": 2},
-    "train": {"steps": 40, "pool_size": 2048, "batch_size": 64, "warmup_steps": 5, "log_every": 10},
+    "train": {"train_steps": 40, "pool_size": 2048, "batch_size": 64, "warmup_steps": 5, "log_every": 10},
     "eval": {"num_samples": 256, "max_points": 256},
-    "world": {"num_steps": 8},
+    "world": {"grid_size": 8},
     "capacity": [[8, 2], [16, 2]],
     "budgets": [20, 40],
     "ema_rates": [0.0, 0.9],
@@ -98,13 +99,13 @@ class _Runner:
             student, sec, loss = cells.train_cell(w, method, network, train, self.cfg.seeds, pool,
                                                   init_steps=self.cfg.init_steps,
                                                   progress=self.cfg.progress and f"{method} w{network.width}d{network.depth} "
-                                                           f"s{train.steps} mu{train.ema_rate} D{data.dim}")
+                                                           f"s{train.train_steps} mu{train.ema_rate} D{data.dim}")
             metrics, _ = cells.evaluate_members(student, w, ev, self.cfg.eval)
             metrics["final_loss"] = loss
             metrics["train_seconds"] = [sec / len(self.cfg.seeds)] * len(self.cfg.seeds)
             metrics["params_count"] = [count_parameters(student.net) / len(self.cfg.seeds)] * len(self.cfg.seeds)
             self.cache[key] = metrics
-            cells.log(STUDY, f"{method} width={network.width} depth={network.depth} steps={train.steps} "
+            cells.log(STUDY, f"{method} width={network.width} depth={network.depth} steps={train.train_steps} "
                              f"ema={train.ema_rate} {data.preset} d={data.dim}: train {sec:.0f} s, "
                              f"E {sum(metrics['E']) / len(metrics['E']):.3g}, W2 {sum(metrics['w2']) / len(metrics['w2']):.3g}")
         return self.cache[key]
@@ -132,7 +133,7 @@ def run(cfg: InductiveBiasConfig) -> dict:
             regimes.append(r)
     if "budget" in cfg.sweeps:
         for steps in cfg.budgets:
-            tr = cfg.train.model_copy(update={"steps": steps, "warmup_steps": min(cfg.train.warmup_steps, steps // 4)})
+            tr = cfg.train.model_copy(update={"train_steps": steps, "warmup_steps": min(cfg.train.warmup_steps, steps // 4)})
             regimes.append(both(base_data, net, tr, f"iters={steps}", "budget", {"iters": steps}))
     if "target" in cfg.sweeps:
         dcd = R.run(base_data, net, cfg.train, "direct_cd")
@@ -227,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from odecm.cli import run_main
 from odecm.config import StrictModel
 from odecm.metrics import frechet_distance_features, per_sample_sq_error
 from toys.ensemble import TargetPool, TrainConfig
@@ -58,7 +59,7 @@ class LatentSpaceConfig(StrictModel):
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
     network: NetworkConfig = NetworkConfig(width=64, depth=3)
-    train: TrainConfig = TrainConfig(steps=1500, batch_size=128, pool_size=2**16, log_every=100)
+    train: TrainConfig = TrainConfig(train_steps=1500, batch_size=128, pool_size=2**16, log_every=100)
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     budgets: list[int] = Field(default_factory=lambda: [500, 1500],
@@ -75,9 +76,9 @@ class LatentSpaceConfig(StrictModel):
 QUICK: dict[str, Any] = {
     "seeds": [0, 1],
     "network": {"width": 16, "depth": 2},
-    "train": {"steps": 40, "pool_size": 2048, "batch_size": 64, "warmup_steps": 5, "log_every": 10},
+    "train": {"train_steps": 40, "pool_size": 2048, "batch_size": 64, "warmup_steps": 5, "log_every": 10},
     "eval": {"num_samples": 256, "max_points": 256},
-    "world": {"num_steps": 8},
+    "world": {"grid_size": 8},
     "budgets": [20, 40],
 }
 
@@ -146,7 +147,7 @@ def run(cfg: LatentSpaceConfig) -> dict:
     outputs: dict[tuple[str, int], Tensor] = {}
     latent: dict[tuple[str, int], dict[str, list[float]]] = {}
     for steps in cfg.budgets:
-        tr = cfg.train.model_copy(update={"steps": steps, "warmup_steps": min(cfg.train.warmup_steps, steps // 4)})
+        tr = cfg.train.model_copy(update={"train_steps": steps, "warmup_steps": min(cfg.train.warmup_steps, steps // 4)})
         for method in METHODS:
             t1 = time.perf_counter()
             student, sec, loss = cells.train_cell(world, method, net, tr, cfg.seeds, pool, init_steps=cfg.init_steps,
@@ -265,4 +266,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

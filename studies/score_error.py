@@ -27,7 +27,6 @@ Reference rows per teacher: the teacher's solver chains and its exact ODE, evalu
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
@@ -36,7 +35,8 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from odecm.config import StrictModel
+from odecm.cli import run_main
+from odecm.config import SolverName, StrictModel
 from odecm.grids import make_grid
 from odecm.metrics import per_sample_sq_error
 from odecm.schedules import make_schedule
@@ -89,10 +89,12 @@ class EvalSettings(StrictModel):
 
 
 class ScoreErrorConfig(StrictModel):
+    renamed_keys = {"num_steps": "grid_size"}
+
     preset: Literal["ring8", "grid25", "twoscale", "imbalanced", "aniso"] = "ring8"
     schedule: Literal["sdxl", "vp", "vp_cosine", "edm"] = "sdxl"
     grid: Literal["skip", "uniform", "karras"] = "skip"
-    num_steps: int = Field(20, ge=1, description="N grid intervals (skip needs N | 1000)")
+    grid_size: int = Field(20, ge=1, description="N grid intervals (skip needs N | 1000)")
     boundary: Literal["lcm", "edm"] = "lcm"
     teachers: list[TeacherSpec] = Field(default_factory=lambda: [
         TeacherSpec(label="exact", kind="exact"),
@@ -101,10 +103,10 @@ class ScoreErrorConfig(StrictModel):
         TeacherSpec(label="learned(2000)", kind="learned", budget=2000),
     ])
     methods: list[Literal["cd", "direct_cd"]] = ["cd", "direct_cd"]
-    solvers: list[Literal["ddim", "euler", "heun"]] = ["ddim", "euler", "heun"]
+    solvers: list[SolverName] = ["ddim", "euler", "heun"]
     seeds: list[int] = [0, 1, 2]
     network: NetworkConfig = NetworkConfig(width=64, depth=3)
-    train: TrainConfig = TrainConfig(steps=1500, batch_size=128, lr=2e-3, pool_size=65536)
+    train: TrainConfig = TrainConfig(train_steps=1500, batch_size=128, lr=2e-3, pool_size=65536)
     init_steps: int = Field(0, ge=0, description="teacher-matching warm start (toys.ensemble.init_from_teacher)")
     eval: EvalSettings = EvalSettings()
     threads: int = Field(1, ge=1, description="torch intra-op threads")
@@ -127,7 +129,7 @@ QUICK: dict[str, Any] = {
     "solvers": ["ddim", "heun"],
     "seeds": [0, 1],
     "network": {"width": 32, "depth": 2},
-    "train": {"steps": 250, "batch_size": 64, "pool_size": 8192, "warmup_steps": 20},
+    "train": {"train_steps": 250, "batch_size": 64, "pool_size": 8192, "warmup_steps": 20},
     "eval": {"num_samples": 300, "max_points": 250, "score_error_samples": 256},
 }
 
@@ -182,7 +184,7 @@ def run(cfg: ScoreErrorConfig, out_dir, progress: bool = True) -> dict[str, Any]
     ev = cfg.eval
     gmm = make_preset(cfg.preset)
     schedule = make_schedule(cfg.schedule)
-    grid = make_grid(cfg.grid, schedule, cfg.num_steps)
+    grid = make_grid(cfg.grid, schedule, cfg.grid_size)
     t_T, t_0 = float(grid[-1]), float(grid[0])
     true_den = gmm.exact_denoiser(schedule)
     sample_data = lambda n, g: gmm.sample_p0(n, g)[0]  # noqa: E731
@@ -317,7 +319,7 @@ def render_table(summary, references, floor, cfg: ScoreErrorConfig) -> str:
     rows.append(["floor", "-", "*two p_0 samples*", "-", "-", "-", "-", common.fmt(floor.get("w2")),
                  common.fmt(floor.get("mmd2")), common.fmt(floor.get("mode_precision")), common.fmt(floor.get("nll")),
                  "-", "-"])
-    intro = (f"Score-error sweep on {cfg.preset}, schedule {cfg.schedule}, grid {cfg.grid} N={cfg.num_steps}, "
+    intro = (f"Score-error sweep on {cfg.preset}, schedule {cfg.schedule}, grid {cfg.grid} N={cfg.grid_size}, "
              f"{len(cfg.seeds)} seeds (mean ± std). E_* = eq. 6 MSE of the one-step sample against the teacher "
              f"solver chain / teacher exact ODE / true ODE; *_p0 against p_0, *_teacher against the teacher's "
              f"exact-ODE samples. Rows in italics are references (no student).\n\n")
@@ -418,8 +420,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
     out = common.results_folder(STUDY, args)
-    common.save_config(out, cfg, argv=list(argv) if argv is not None else sys.argv[1:], quick=bool(args.quick),
-                       seeds=cfg.seeds, eval_seed=cfg.eval.seed, pool_seed=cfg.train.pool_seed)
+    common.save_config(out, cfg, argv=argv, quick=bool(args.quick))
     start = time.perf_counter()
     metrics = run(cfg, out, progress=args.progress)
     print((out / "table.md").read_text())
@@ -428,4 +429,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -55,7 +55,7 @@ def build_table(runs: list[dict]) -> dict:
         else:
             by_key[key] = r
         t = r["teacher"]
-        teachers.setdefault(t["solver"], {"row": f"Teacher {SOLVERS.get(t['solver'], t['solver'])} (N={t['num_steps']})",
+        teachers.setdefault(t["solver"], {"row": f"Teacher {SOLVERS.get(t['solver'], t['solver'])} (N={t['grid_size']})",
                                           "status": "ok", "values": {c: t.get(c) for c, _ in TABLE_COLUMNS}})
     rows = []
     for m, mname in METHODS.items():

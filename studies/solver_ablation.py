@@ -2,7 +2,7 @@
 
 ``python -m studies.solver_ablation [--quick] [--set key=value ...]``
 
-Exact GMM teacher, identity decoder. For each N in ``num_steps`` one grid (``world.grid``), and for
+Exact GMM teacher, identity decoder. For each N in ``grid_sizes`` one grid (``world.grid``), and for
 each method one batched ensemble whose members are ``solvers x seeds`` (each member routed to its own
 solver's ``TargetPool``; the same seeds across solvers, so comparisons between solvers are paired).
 
@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from odecm.config import StrictModel
+from odecm.cli import run_main
+from odecm.config import SolverName, StrictModel
 from toys.ensemble import Route, TargetPool, TrainConfig
 from toys.networks import NetworkConfig
 
@@ -38,14 +39,16 @@ METHODS = ("cd", "direct_cd")
 
 
 class SolverAblationConfig(StrictModel):
+    renamed_keys = {"num_steps": "grid_sizes"}
+
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig(grid="uniform")  # skip grids need N | 1000; N = 18 does not
     network: NetworkConfig = NetworkConfig(width=64, depth=3)
-    train: TrainConfig = TrainConfig(steps=1500, batch_size=128, pool_size=2**16, log_every=100)
+    train: TrainConfig = TrainConfig(train_steps=1500, batch_size=128, pool_size=2**16, log_every=100)
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    solvers: list[Literal["ddim", "euler", "heun"]] = Field(default_factory=lambda: ["ddim", "euler", "heun"])
-    num_steps: list[int] = Field(default_factory=lambda: [10, 18, 50, 100])
+    solvers: list[SolverName] = Field(default_factory=lambda: ["ddim", "euler", "heun"])
+    grid_sizes: list[int] = Field(default_factory=lambda: [10, 18, 50, 100], description="the N of each grid")
     init_steps: int = Field(0, ge=0, description="teacher-matching warm start before distillation (0 = random init)")
     threads: int | None = Field(1, ge=1)
     progress: bool = False
@@ -54,9 +57,9 @@ class SolverAblationConfig(StrictModel):
 QUICK: dict[str, Any] = {
     "seeds": [0, 1],
     "network": {"width": 16, "depth": 2},
-    "train": {"steps": 40, "pool_size": 2048, "batch_size": 64, "warmup_steps": 5, "log_every": 10},
+    "train": {"train_steps": 40, "pool_size": 2048, "batch_size": 64, "warmup_steps": 5, "log_every": 10},
     "eval": {"num_samples": 256, "max_points": 256},
-    "num_steps": [4, 10],
+    "grid_sizes": [4, 10],
 }
 
 
@@ -66,9 +69,9 @@ def run(cfg: SolverAblationConfig) -> dict:
     S = len(seeds)
     net = cfg.network.model_copy(update={"dim": cfg.data.dim})
     exact_cache = None
-    for N in cfg.num_steps:
+    for N in cfg.grid_sizes:
         t0 = time.perf_counter()
-        worlds = {s: cells.build_world(cfg.data, cfg.world, solver=s, num_steps=N) for s in cfg.solvers}
+        worlds = {s: cells.build_world(cfg.data, cfg.world, solver=s, grid_size=N) for s in cfg.solvers}
         first = worlds[cfg.solvers[0]]
         ev_cfg = cfg.eval if exact_cache is None else cfg.eval.model_copy(update={"exact_ode": False})
         evs = {}
@@ -182,4 +185,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

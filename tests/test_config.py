@@ -8,11 +8,11 @@ from odecm.config import ConfigError, DistillConfig, load_config, parse_override
 
 def test_defaults_run_and_overrides_apply(tmp_path):
     cfg = load_config(DistillConfig)
-    assert cfg.method == "cd" and cfg.num_steps == 100 and cfg.target.rate == 0.0
+    assert cfg.method == "cd" and cfg.grid_size == 100 and cfg.target.rate == 0.0
     path = tmp_path / "run.yaml"
     path.write_text("method: direct_cd\nsolver: heun\noptim:\n  lr: 0.001\n")
-    cfg = load_config(DistillConfig, path, ["num_steps=50", "target.policy=ema", "target.ema_rate=0.95"])
-    assert (cfg.method, cfg.solver, cfg.num_steps, cfg.optim.lr, cfg.target.rate) == ("direct_cd", "heun", 50, 1e-3, 0.95)
+    cfg = load_config(DistillConfig, path, ["grid_size=50", "target.policy=ema", "target.ema_rate=0.95"])
+    assert (cfg.method, cfg.solver, cfg.grid_size, cfg.optim.lr, cfg.target.rate) == ("direct_cd", "heun", 50, 1e-3, 0.95)
     save_config(cfg, tmp_path / "resolved.json")
     again = load_config(DistillConfig, tmp_path / "resolved.json")
     assert again == cfg
@@ -41,8 +41,8 @@ def test_bad_values_name_the_key_and_allowed_values(override, key, allowed):
 
 
 def test_range_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"num_steps.*greater than or equal to 1"):
-        load_config(DistillConfig, overrides=["num_steps=0"])
+    with pytest.raises(ConfigError, match=r"grid_size.*greater than or equal to 1"):
+        load_config(DistillConfig, overrides=["grid_size=0"])
     with pytest.raises(ConfigError, match=r"target.ema_rate"):
         load_config(DistillConfig, overrides=["target.policy=ema", "target.ema_rate=1.5"])
     with pytest.raises(ConfigError, match="stopgrad"):

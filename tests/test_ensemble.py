@@ -83,7 +83,7 @@ def test_pool_endpoints_are_the_teacher_solver_solution():
 def _train(method, seeds, solvers, data, pools, ema_rate=0.0, steps=8):
     st = make_ensemble_student(CFG, SCH, seeds, dtype=torch.float64)
     routes = [Route(TEACHER, s, pools.get(s)) for s in solvers]
-    cfg = TrainConfig(method=method, steps=steps, batch_size=12, lr=1e-2, warmup_steps=2, data=data,
+    cfg = TrainConfig(method=method, train_steps=steps, batch_size=12, lr=1e-2, warmup_steps=2, data=data,
                       ema_rate=ema_rate, grad_clip=0.5, log_every=1)
     hist = train_ensemble(cfg, st, routes, GRID, sample_data, progress=False)
     return st, hist

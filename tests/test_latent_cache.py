@@ -186,11 +186,11 @@ def test_cached_dataset_with_workers_and_sampler(built):
 def test_cli_end_to_end(tiny_sdxl_dir, tmp_path, capsys):
     data = tmp_path / "d"
     make_synthetic_dataset(data, 3, size=(36, 40), seed=1, index="jsonl")
-    argv = ["--data", str(data / "metadata.jsonl"), "--model", str(tiny_sdxl_dir), "--out", str(tmp_path / "c"),
-            "--resolution", str(RES), "--device", "cpu", "--batch-size", "2"]
+    argv = ["--set", f"data={data / 'metadata.jsonl'}", f"model={tiny_sdxl_dir}", f"out={tmp_path / 'c'}",
+            f"resolution={RES}", "device=cpu", "batch_size=2"]
     folder = main(argv)
     assert "3 samples, 0 skipped" in capsys.readouterr().out
     assert CachedLatentDataset(folder)[2]["prompt_embeds"].shape == (77, 64)
     assert main(argv) == folder
     with pytest.raises(Exception, match="crop"):
-        main(argv + ["--crop", "middle"])
+        main(argv + ["--set", "crop=middle"])

@@ -43,7 +43,7 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, tiny_sd
     images = tmp_path / "images"
     make_synthetic_dataset(images, 8, size=[(40, 48), (36, 36)], seed=1)
     common = ["--config", "tiny_cpu", "--set", f"model.pretrained={tiny_sdxl_dir}", "data.source=images",
-              f"data.path={images}", "data.crop=random", "distill.steps=3", "distill.batch_size=4",
+              f"data.path={images}", "data.crop=random", "distill.train_steps=3", "distill.batch_size=4",
               "distill.checkpoint_every=0", "save_student=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -27,7 +27,7 @@ def run(tmp_path_factory, tiny_sdxl_dir):
     root = tmp_path_factory.mktemp("sdxl_eval")
     (root / "captions.txt").write_text("\n".join(CAPTIONS))
     model = {"pretrained": str(tiny_sdxl_dir), "dtype": "fp32"}
-    rcfg = ReferenceConfig(model=model, num_steps=2, captions=str(root / "captions.txt"), resolution=32, batch_size=3,
+    rcfg = ReferenceConfig(model=model, grid_size=2, captions=str(root / "captions.txt"), resolution=32, batch_size=3,
                            shard_size=4, cache_dir=str(root / "cache"), progress=False, device="cpu")
     bundle = load_bundle(rcfg.model, rcfg.cache_dir, torch.device("cpu"))
     ref, _ = run_reference(rcfg, loader=lambda: bundle)

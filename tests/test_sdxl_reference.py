@@ -19,7 +19,7 @@ def _cfg(tmp_path, tiny_sdxl_dir, **kw):
     caps = tmp_path / "captions.txt"
     if not caps.exists():
         caps.write_text("\n".join(CAPTIONS) + "\n")
-    base = dict(model={"pretrained": str(tiny_sdxl_dir), "dtype": "fp32"}, solver="ddim", num_steps=4,
+    base = dict(model={"pretrained": str(tiny_sdxl_dir), "dtype": "fp32"}, solver="ddim", grid_size=4,
                 captions=str(caps), resolution=32, batch_size=2, shard_size=2, cache_dir=str(tmp_path / "cache"),
                 progress=False, device="cpu")
     base.update(kw)

@@ -21,7 +21,7 @@ from studies import sdxl_table  # noqa: E402
 def test_table_from_two_tiny_runs(tmp_path, tiny_sdxl_dir):
     (tmp_path / "captions.txt").write_text("a red cat\na blue dog\n")
     model = {"pretrained": str(tiny_sdxl_dir), "dtype": "fp32"}
-    rcfg = ReferenceConfig(model=model, num_steps=2, captions=str(tmp_path / "captions.txt"), resolution=32,
+    rcfg = ReferenceConfig(model=model, grid_size=2, captions=str(tmp_path / "captions.txt"), resolution=32,
                            cache_dir=str(tmp_path / "cache"), progress=False, device="cpu")
     bundle = load_bundle(rcfg.model, rcfg.cache_dir, torch.device("cpu"))
     ref, _ = run_reference(rcfg, loader=lambda: bundle)

@@ -42,9 +42,12 @@ def image_dir(tmp_path_factory):
 
 
 def _cfg(out, tiny_sdxl_dir, image_dir, *extra):
-    return load_train_config("tiny_cpu", [f"out_dir={out}", f"model.pretrained={tiny_sdxl_dir}", "data.source=images",
-                                          f"data.path={image_dir}", "data.crop=random", "distill.checkpoint_every=2",
-                                          "keep_checkpoints=3", *extra])
+    """tiny_cpu with these test defaults; ``extra`` overrides replace defaults of the same key
+    (a key given twice on one command line is an error)."""
+    base = [f"out_dir={out}", f"model.pretrained={tiny_sdxl_dir}", "data.source=images", f"data.path={image_dir}",
+            "data.crop=random", "distill.checkpoint_every=2", "keep_checkpoints=3"]
+    given = {e.split("=", 1)[0] for e in extra}
+    return load_train_config("tiny_cpu", [b for b in base if b.split("=", 1)[0] not in given] + list(extra))
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +138,7 @@ def test_direct_cd_shared_index(tmp_path, tiny_sdxl_dir, image_dir):
     """Scheme (b): one n per batch, so depth = n and only the needed evaluations happen."""
     out = tmp_path / "shared"
     train(_cfg(out, tiny_sdxl_dir, image_dir, "distill.method=direct_cd", "distill.index_scheme=shared",
-               "distill.steps=2", "save_student=false"))
+               "distill.train_steps=2", "save_student=false"))
     for r in _log(out):
         assert r["n_mean"] == r["n_max"] == r["target_steps"]
         assert r["target_evals"] == 4 * r["n_max"]
@@ -165,7 +168,7 @@ def test_precomputed_targets_match_teacher_and_train(tmp_path, tiny_sdxl_dir, im
     torch.testing.assert_close(torch.stack([it["target"] for it in items]), ref, rtol=1e-4, atol=1e-4)
     run_out = tmp_path / "from_targets"
     train(_cfg(run_out, tiny_sdxl_dir, image_dir, "distill.method=direct_cd", "data.source=targets",
-               f"data.path={folder}", "distill.steps=2", "save_student=false"))
+               f"data.path={folder}", "distill.train_steps=2", "save_student=false"))
     log = _log(run_out)
     assert len(log) == 2 and all(r["target_calls"] == 0 for r in log)
 
@@ -189,7 +192,7 @@ def test_bad_config_key_is_named():
 def test_paper_configs(method, solver):
     cfg = load_train_config(CONFIG_DIR / f"{method}_{solver}.yaml")
     d = cfg.distill
-    assert (d.method, d.solver, d.num_steps, d.grid, d.distance, d.batch_size, d.steps) == (
+    assert (d.method, d.solver, d.grid_size, d.grid, d.distance, d.batch_size, d.train_steps) == (
         method, solver, 100, "skip", "l2", 16, 250)
     assert d.target.policy == "stopgrad" and d.optim.lr == 1e-4 and d.optim.name == "adamw8bit"
     assert (cfg.teacher.guidance_scale, cfg.teacher.cfg_convention, cfg.teacher.uncond) == (9.0, "imagen", "zeros")
@@ -217,7 +220,7 @@ def test_full_student_with_w_embedding_and_ema_target(tmp_path, tiny_sdxl_dir, i
     from odecm.training import Trainer, TrainerConfig
 
     cfg = _cfg(tmp_path / "full", tiny_sdxl_dir, image_dir, "student.kind=full", "student.w_embedding_dim=16",
-               "distill.target.policy=ema", "distill.target.ema_rate=0.5", "distill.steps=1")
+               "distill.target.policy=ema", "distill.target.ema_rate=0.5", "distill.train_steps=1")
     run = build_run(cfg)
     s = run.student
     assert s.kind == "full" and s.unet is not s.teacher_unet

@@ -9,7 +9,7 @@ import torch
 from studies import score_error
 from studies.common import ConfigError
 
-TINY = ["train.steps=40", "train.pool_size=1024", "train.batch_size=32", "eval.num_samples=150",
+TINY = ["train.train_steps=40", "train.pool_size=1024", "train.batch_size=32", "eval.num_samples=150",
         "eval.max_points=100", "eval.score_error_samples=32", "network.width=16", "network.depth=2",
         "solvers=[ddim]"]
 
@@ -28,7 +28,9 @@ def test_quick_smoke_writes_results(tmp_path):
     for name in ("config.json", "metrics.json", "table.md", "samples.png", "metrics_vs_score_error.png"):
         assert (out / name).stat().st_size > 0, name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["config"]["train"]["steps"] == 40 and cfg["seeds"] == [0, 1]
+    assert cfg["train"]["train_steps"] == 40 and cfg["seeds"] == [0, 1]
+    prov = cfg["_provenance"]
+    assert prov["quick"] is True and len(prov["git_commit"] or "x" * 40) == 40 and prov["versions"]["torch"]
     saved = json.loads((out / "metrics.json").read_text())
     assert len(saved["runs"]) == 2 * 2 * 1 * 2  # teachers x methods x solvers x seeds
     table = (out / "table.md").read_text()
@@ -48,18 +50,44 @@ def test_quick_smoke_writes_results(tmp_path):
         assert r["E_solver"] > 0 and r["w2_p0"] > 0
 
 
-def test_deterministic_given_seeds(tmp_path):
-    small = TINY + ['teachers=[{"label": "exact", "kind": "exact"}]', "seeds=[3]", "methods=[cd]",
-                    "eval.quality_vs_teacher=false", "train.steps=15", "plots=false", "eval.floor=false"]
-    runs = []
-    for i in range(2):
-        args = ["--out", str(tmp_path / f"r{i}"), "--no-progress"] + [a for s in small for a in ("--set", s)]
-        runs.append(score_error.main(args)["runs"])
-    assert runs[0] == runs[1]
+SMALL = [s for s in TINY if not s.startswith("train.train_steps=")] + [
+    'teachers=[{"label": "exact", "kind": "exact"}]', "seeds=[3]", "methods=[cd]", "eval.quality_vs_teacher=false",
+    "train.train_steps=15", "plots=false", "eval.floor=false"]
+
+
+def test_deterministic_given_seeds_and_replayable_from_config_json(tmp_path):
+    # both override forms: one --set with several pairs, and repeated --set
+    args = ["--out", str(tmp_path / "r0"), "--no-progress", "--set", *SMALL[:3]] + [a for s in SMALL[3:] for a in ("--set", s)]
+    first = score_error.main(args)["runs"]
+    again = score_error.main(["--out", str(tmp_path / "r1"), "--no-progress"] + [a for s in SMALL for a in ("--set", s)])
+    assert again["runs"] == first
+    # the config.json a run writes is a valid --config and reproduces the numbers exactly
+    replay = score_error.main(["--config", str(tmp_path / "r0" / "config.json"), "--out", str(tmp_path / "r2"),
+                               "--no-progress"])
+    assert replay["runs"] == first
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="given twice"):
+        score_error.main(["--out", str(tmp_path / "x"), "--set", "seeds=[1]", "--set", "seeds=[2]"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_folder_with_results_is_refused(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds results"):
+        score_error.main(["--out", str(out), "--no-progress"] + [a for s in SMALL for a in ("--set", s)])
+    assert (out / "metrics.json").read_text() == "{}"
 
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="trian"):
-        score_error.main(["--out", str(tmp_path), "--set", "trian.steps=3"])
+        score_error.main(["--out", str(tmp_path), "--set", "trian.train_steps=3"])
     with pytest.raises(ConfigError, match="solvers"):
         score_error.main(["--out", str(tmp_path), "--set", "solvers=[rk4]"])
+    with pytest.raises(ConfigError, match="num_steps: renamed; use grid_size"):
+        score_error.main(["--out", str(tmp_path), "--set", "num_steps=10"])
+    with pytest.raises(ConfigError, match="train.steps: renamed; use train.train_steps"):
+        score_error.main(["--out", str(tmp_path), "--set", "train.steps=10"])

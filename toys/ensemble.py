@@ -29,7 +29,7 @@ Direct CD targets ``f_solver(x_{t_n}, t_n, 0)`` do not depend on the student, so
 precomputes P tuples ``(x0, noise, n, x_tn, endpoint)`` once per (teacher, solver, grid) and every
 member/method draws rows from it (``data="pool"``; CD then uses the same training pairs and only
 computes its one-step teacher move and target online). Cost: about ``P (N + 1) / 2`` teacher
-sample evaluations (x2 for Heun). With ``steps * batch_size`` draws per member each row is reused
+sample evaluations (x2 for Heun). With ``train_steps * batch_size`` draws per member each row is reused
 about ``steps * batch_size / P`` times (default 4000 * 256 / 2^17 ~ 8); ``pool_size`` large against
 the student's capacity keeps this harmless in 2D (``data="fresh"`` trains on fresh samples with the
 online ``DirectCDTarget`` for comparison). ``studies.score_error``: 1500 * 128 / 2^16 ~ 3 reuses.
@@ -183,8 +183,10 @@ def clip_grad_norm_per_member(params: Sequence[Tensor], max_norm: float) -> Tens
 class TrainConfig(StrictModel):
     """How one ensemble is distilled (shared by all members)."""
 
+    renamed_keys = {"steps": "train_steps"}
+
     method: Literal["cd", "direct_cd"] = "cd"
-    steps: int = Field(4000, ge=1)
+    train_steps: int = Field(4000, ge=1, description="optimizer steps")
     batch_size: int = Field(256, ge=1, description="per member")
     lr: float = Field(2e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -268,7 +270,7 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "cosine":
-            prog = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            prog = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
         return 1.0
     return f
@@ -383,7 +385,7 @@ def train_ensemble(
 
     hist = TrainHistory()
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=progress if isinstance(progress, str) else cfg.method,
+    bar = tqdm(range(cfg.train_steps), desc=progress if isinstance(progress, str) else cfg.method,
                disable=not progress, leave=False, mininterval=1.0)
     for step in bar:
         # 1. per-member draws
@@ -411,7 +413,7 @@ def train_ensemble(
         sched.step()
         target.update()
         hist.teacher_evals += int(out["target_evals"])
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        if step % cfg.log_every == 0 or step == cfg.train_steps - 1:
             with torch.no_grad():
                 w_ps = (out["weights"] * out["per_sample"]).reshape(E, B).mean(1)
             hist.step.append(step)

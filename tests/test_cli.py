@@ -1,0 +1,93 @@
+"""odecm.cli: one override syntax for every entry point, one-line errors, replayable config files."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from odecm.cli import InputError, add_config_args, config_from_args, positive_int, provenance, run_main
+from odecm.config import ConfigError, DistillConfig, load_config, save_config
+
+
+def _parse(*argv):
+    return add_config_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_both_set_forms_append_in_order():
+    a = _parse("--set", "method=direct_cd", "grid_size=50", "--set", "solver=heun_vp")
+    assert a.overrides == ["method=direct_cd", "grid_size=50", "solver=heun_vp"]
+    cfg = config_from_args(DistillConfig, a)
+    assert (cfg.method, cfg.grid_size, cfg.solver) == ("direct_cd", 50, "heun_vp")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["grid_size=10", "grid_size=20"], "grid_size: given twice"),
+    (["optim={name: adam}", "optim.lr=0.1"], "optim.lr: given twice"),
+    (["optim.lr=0.1", "optim={name: adam}"], "optim: given twice"),
+])
+def test_a_key_given_twice_is_an_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_args(DistillConfig, _parse("--set", *overrides))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("num_steps=10", "num_steps: renamed; use grid_size"),
+    ("steps=10", "steps: renamed; use train_steps"),
+    ("train_steps=true", "train_steps: expected a number, got a boolean"),
+    ("optim.lr=inf", "optim.lr: Input should be a finite number"),
+    ("optim.lr=1e39", "optim.lr: .*float32"),
+    ("solver=rk4", "solver: 'rk4' is not allowed; allowed values: .*'euler_vp', 'heun_vp'"),
+    ("bogus=1", "bogus: unknown key; allowed keys"),
+    ("grid_size=[1", "grid_size: the value '\\[1' is not valid YAML"),
+])
+def test_bad_values_are_one_line_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(DistillConfig, overrides=[override])
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_config_json_with_provenance_is_a_valid_config(tmp_path):
+    cfg = load_config(DistillConfig, overrides=["method=direct_cd", "solver=euler_vp", "train_steps=7"])
+    prov = provenance(["--set", "x=1"])
+    save_config(cfg, tmp_path / "config.json", provenance=prov)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["_provenance"]["argv"] == ["--set", "x=1"]
+    assert set(data["_provenance"]["versions"]) >= {"python", "torch", "diffusers", "transformers", "peft"}
+    assert "git_commit" in data["_provenance"] and "git_dirty" in data["_provenance"]
+    assert load_config(DistillConfig, tmp_path / "config.json") == cfg
+
+
+def test_threads_flag_must_be_positive():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=positive_int)
+    assert ap.parse_args(["--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--threads", "-1"])
+
+
+def test_run_main_prints_one_line_and_exits_2(capsys):
+    def main(argv):
+        raise InputError("data.path: /nope does not exist; give an image folder")
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, [])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: data.path: /nope does not exist; give an image folder\n"
+
+
+def test_entry_point_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "studies.score_error", "--out", str(tmp_path / "o"),
+                           "--set", "solvers=[rk4]"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: solvers.0: 'rk4' is not allowed") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_import_odecm_loads_no_diffusers():
+    code = "import sys, odecm, odecm.cli, odecm.config, odecm.solvers, odecm.training; print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
