@@ -143,19 +143,12 @@ def load_sdxl(
 
 
 def schedule_from_scheduler_config(config: dict, timestep_offset: int = 0) -> DiscreteSchedule:
-    """``odecm`` schedule with the betas of a diffusers scheduler config (SDXL: scaled-linear
-    0.00085 -> 0.012 over 1000 steps). ``timestep_offset`` 0 = diffusers indexing, 1 = paper's code."""
-    if config.get("trained_betas") is not None:
-        raise ValueError("scheduler configs with trained_betas are not supported")
-    if config.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr=True is not supported (SDXL base does not use it)")
-    return DiscreteSchedule(
-        int(config.get("num_train_timesteps", 1000)),
-        float(config.get("beta_start", 0.00085)),
-        float(config.get("beta_end", 0.012)),
-        config.get("beta_schedule", "scaled_linear"),
-        timestep_offset=timestep_offset,
-    )
+    """``odecm`` schedule holding exactly the float32 ``betas`` / ``alphas_cumprod`` tables (cast to
+    float64) that diffusers' scheduler builds from this config: ``beta_schedule`` linear,
+    scaled_linear (SDXL: 0.00085 -> 0.012 over 1000 steps) or squaredcos_cap_v2, or ``trained_betas``
+    (``odecm.schedules.DiscreteSchedule.from_scheduler_config``). ``timestep_offset`` 0 = diffusers
+    indexing, 1 = paper's code. ``rescale_betas_zero_snr=True`` is rejected."""
+    return DiscreteSchedule.from_scheduler_config(dict(config), timestep_offset)
 
 
 # --------------------------------------------------------------------------- prompts

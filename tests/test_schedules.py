@@ -123,10 +123,9 @@ def test_discrete_alphas_cumprod_match_diffusers_offset0():
     """timestep_offset=0: timestep k has level alphas_cumprod[k]; clean data at t = -1."""
     ref = _diffusers_alphas_cumprod()
     sch = sdxl_schedule(0)
-    # diffusers accumulates the product in float32; odecm in float64 (1e-6 relative apart)
-    torch.testing.assert_close(sch.alphas_cumprod, ref, rtol=1e-5, atol=0)
+    assert torch.equal(sch.alphas_cumprod, ref)  # diffusers' own float32 table, cast to float64
     k = torch.arange(1000, dtype=torch.float64)
-    torch.testing.assert_close(sch.alpha(k) ** 2, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(sch.alpha(k) ** 2, ref, rtol=1e-12, atol=0)
     torch.testing.assert_close(sch.alpha(k) ** 2, sch.alphas_cumprod, rtol=1e-12, atol=0)
     assert float(sch.sigma(torch.tensor(-1.0, dtype=torch.float64))) == 0.0
     assert sch.t_clean == -1.0 and sch.t_min == 0.0 and sch.t_max == 999.0
@@ -137,7 +136,7 @@ def test_discrete_alphas_cumprod_match_diffusers_offset1():
     ref = _diffusers_alphas_cumprod()
     sch = sdxl_schedule(1)
     k = torch.arange(1, 1001, dtype=torch.float64)
-    torch.testing.assert_close(sch.alpha(k) ** 2, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(sch.alpha(k) ** 2, ref, rtol=1e-12, atol=0)
     assert float(sch.sigma(torch.tensor(0.0, dtype=torch.float64))) == 0.0
     assert float(sch.alpha(torch.tensor(0.0, dtype=torch.float64))) == 1.0
     assert sch.t_clean == 0.0 and sch.t_max == 1000.0
@@ -159,3 +158,62 @@ def test_make_schedule_names_allowed_values():
         make_schedule("nope")
     with pytest.raises(ValueError, match="beta_schedule"):
         DiscreteSchedule(beta_schedule="quadratic")
+
+
+# ----------------------------------------------------------------------------- exact diffusers tables
+TABLE_CONFIGS = {
+    "linear": dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+    "scaled_linear": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+    "squaredcos_cap_v2": dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+    "scaled_linear_T500": dict(num_train_timesteps=500, beta_start=0.0005, beta_end=0.015, beta_schedule="scaled_linear"),
+    # float64 values that float32 rounds: the cast must happen where diffusers casts
+    "trained_betas": dict(num_train_timesteps=7, trained_betas=[1e-4, 3.3333333e-3, 0.0123456789, 0.05, 0.1, 0.3, 0.77]),
+}
+
+
+@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("name", sorted(TABLE_CONFIGS))
+def test_tables_equal_diffusers_bitwise(name, scheduler):
+    """A schedule built from a scheduler config holds exactly diffusers' float32 betas and
+    alphas_cumprod (cast to float64), for every beta_schedule and for trained_betas; so does
+    ``sdxl.teacher.schedule_from_scheduler_config`` (the SDXL teacher's schedule)."""
+    diffusers = pytest.importorskip("diffusers")
+    from sdxl.teacher import schedule_from_scheduler_config
+
+    ref = getattr(diffusers, scheduler)(**TABLE_CONFIGS[name])
+    assert ref.betas.dtype == torch.float32 and ref.alphas_cumprod.dtype == torch.float32
+    config = dict(ref.config)
+    for offset in (0, 1):
+        for sch in (DiscreteSchedule.from_scheduler_config(config, offset), schedule_from_scheduler_config(config, offset)):
+            assert torch.equal(sch.betas, ref.betas.double()), name
+            assert torch.equal(sch.alphas_cumprod, ref.alphas_cumprod.double()), name
+            assert sch.num_train_timesteps == ref.config.num_train_timesteps and sch.timestep_offset == offset
+    if name != "trained_betas":  # the constructor takes the same fields
+        kw = {k: v for k, v in TABLE_CONFIGS[name].items()}
+        assert torch.equal(DiscreteSchedule(**kw).alphas_cumprod, ref.alphas_cumprod.double())
+
+
+def test_from_alphas_cumprod_keeps_the_table():
+    ac = sdxl_schedule(0).alphas_cumprod
+    for offset in (0, 1):
+        sch = DiscreteSchedule.from_alphas_cumprod(ac, timestep_offset=offset)
+        assert torch.equal(sch.alphas_cumprod, ac) and sch.t_clean == offset - 1 and sch.t_max == offset + 999
+        k = torch.arange(1000, dtype=torch.float64)
+        torch.testing.assert_close(sch.alpha(k + offset) ** 2, ac, rtol=1e-12, atol=0)
+        # betas = 1 - a_k / a_{k-1} recover the float32 betas to float32 rounding of the product
+        torch.testing.assert_close(sch.betas, sdxl_schedule(0).betas, rtol=2e-4, atol=0)
+        torch.testing.assert_close(torch.cumprod(1 - sch.betas, 0), ac, rtol=1e-12, atol=0)
+    float32_table = torch.linspace(0.99, 0.01, 50, dtype=torch.float32)
+    assert torch.equal(DiscreteSchedule.from_alphas_cumprod(float32_table).alphas_cumprod, float32_table.double())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(rescale_betas_zero_snr=True, beta_schedule="linear"), "rescale_betas_zero_snr"),
+    (dict(beta_schedule="sigmoid"), "beta_schedule='sigmoid'.*allowed"),
+    (dict(trained_betas=[0.1, 1.5]), "trained_betas"),
+])
+def test_scheduler_config_errors_name_the_key(bad, match):
+    with pytest.raises(ValueError, match=match):
+        DiscreteSchedule.from_scheduler_config(bad)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        DiscreteSchedule.from_alphas_cumprod(torch.tensor([0.5, 0.7]))
