@@ -118,7 +118,17 @@ class Denoiser(nn.Module):
     """Base class. Subclasses implement ``forward(x, t, cond) -> Prediction``.
 
     ``t`` arrives as a tensor of shape ``(B,)``; ``self.schedule`` gives alpha(t), sigma(t).
+
+    ``finite_at_zero_noise``: whether the denoiser may be evaluated where ``sigma(t) = 0`` (the clean
+    point). True (default) for eps-predicting networks (the paper's UNet: ``x0_hat = x`` there) and
+    denoisers that compute eps directly (the exact GMM denoiser); False where eps comes out as
+    ``(x - alpha x0_hat) / sigma`` (x0-predicting networks) or the network's time input diverges at
+    sigma = 0 (e.g. ``c_noise = log sigma``). Solvers that would evaluate at the clean point
+    (``heun_vp``'s last corrector) evaluate at the schedule's ``t_min`` instead when it is False.
+    Wrappers (``CFGDenoiser``, ``NFECounter``) forward the inner denoiser's value.
     """
+
+    finite_at_zero_noise: bool = True
 
     def __init__(self, schedule: NoiseSchedule):
         super().__init__()
@@ -157,7 +167,9 @@ class EpsDenoiser(_ModelDenoiser):
 
 
 class X0Denoiser(_ModelDenoiser):
-    """Network predicts x0 directly: ``eps_hat = (x - alpha x0_hat) / sigma``."""
+    """Network predicts x0 directly: ``eps_hat = (x - alpha x0_hat) / sigma`` (not finite at sigma = 0)."""
+
+    finite_at_zero_noise = False
 
     def forward(self, x, t, cond=None):
         return self.from_x0(x, t, self.raw(x, t, cond))
@@ -176,7 +188,9 @@ class VDenoiser(_ModelDenoiser):
 
 class ScoreDenoiser(_ModelDenoiser):
     """Network predicts the score ``grad_x log p_t(x)``: ``eps_hat = -sigma score``
-    (Tweedie: ``alpha x0_hat = x + sigma^2 score``)."""
+    (Tweedie: ``alpha x0_hat = x + sigma^2 score``). The score diverges as sigma -> 0."""
+
+    finite_at_zero_noise = False
 
     def forward(self, x, t, cond=None):
         _, s = self.coefficients(x, t)
@@ -184,13 +198,15 @@ class ScoreDenoiser(_ModelDenoiser):
 
 
 class FunctionDenoiser(Denoiser):
-    """Wrap a function ``fn(x, t, cond) -> x0_hat`` (``predicts='x0'``) or ``-> eps_hat`` (``'eps'``)."""
+    """Wrap a function ``fn(x, t, cond) -> x0_hat`` (``predicts='x0'``) or ``-> eps_hat`` (``'eps'``).
+    ``finite_at_zero_noise`` is True for ``'eps'`` and False for ``'x0'``."""
 
     def __init__(self, fn: Callable, schedule: NoiseSchedule, predicts: Literal["x0", "eps"] = "x0"):
         super().__init__(schedule)
         if predicts not in ("x0", "eps"):
             raise ValueError(f"predicts={predicts!r}; allowed: 'x0', 'eps'")
         self.fn, self.predicts = fn, predicts
+        self.finite_at_zero_noise = predicts == "eps"
 
     def forward(self, x, t, cond=None):
         out = self.fn(x, t, cond)
@@ -249,6 +265,10 @@ class CFGDenoiser(Denoiser):
         self.inner, self.guidance_scale, self.convention, self.uncond = inner, guidance_scale, convention, uncond
 
     @property
+    def finite_at_zero_noise(self) -> bool:  # type: ignore[override]
+        return self.inner.finite_at_zero_noise
+
+    @property
     def imagen_scale(self) -> float | Tensor:
         """The scale in the imagen convention: a float, or a per-sample tensor ``(B,)``."""
         return self.guidance_scale if self.convention == "imagen" else imagen_from_lcm(self.guidance_scale)
@@ -278,6 +298,10 @@ class NFECounter(Denoiser):
         self.inner = inner
         self.calls = 0
         self.evals = 0
+
+    @property
+    def finite_at_zero_noise(self) -> bool:  # type: ignore[override]
+        return self.inner.finite_at_zero_noise
 
     def reset(self) -> None:
         self.calls = self.evals = 0

@@ -146,3 +146,37 @@ def test_cfg_per_sample_guidance_scale_matches_scalar_runs():
         for i in range(3):
             single = CFGDenoiser(inner, float(scales[i]), conv)(x[i:i + 1], t[i:i + 1], cond[i:i + 1]).eps
             assert torch.allclose(batched[i:i + 1], single, atol=1e-12)
+
+
+def test_finite_at_zero_noise_flags_and_values():
+    """The flag says whether a denoiser can be called at the clean point (sigma = 0), and it is true:
+    flagged denoisers return finite eps there, unflagged x0 / score forms do not."""
+    sch = sdxl_schedule(1)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    t0 = torch.zeros(3, dtype=F64)  # the clean point of the paper's indexing
+    net = lambda x, t, c=None: torch.tanh(x)  # noqa: E731
+    flagged = {EpsDenoiser(net, sch): True, VDenoiser(net, sch): True, X0Denoiser(net, sch): False,
+               ScoreDenoiser(net, sch): False, FunctionDenoiser(net, sch, predicts="eps"): True,
+               FunctionDenoiser(net, sch, predicts="x0"): False}
+    for den, finite in flagged.items():
+        assert den.finite_at_zero_noise is finite, type(den).__name__
+        assert CFGDenoiser(den, 3.0, "imagen").finite_at_zero_noise is finite
+        assert NFECounter(den).finite_at_zero_noise is finite
+        if finite:
+            assert bool(torch.isfinite(den(x, t0).eps).all()), type(den).__name__
+    assert not bool(torch.isfinite(X0Denoiser(lambda x, t, c=None: 0.5 * x, sch)(x, t0).eps).all())
+
+
+def test_toy_denoisers_declare_zero_noise_behaviour():
+    pytest.importorskip("toys")
+    from toys.gmm import make_preset
+    from toys.networks import MLPDenoiser
+    from toys.scores import LearnedDenoiser
+
+    assert MLPDenoiser.finite_at_zero_noise is False and LearnedDenoiser.finite_at_zero_noise is False
+    sch = sdxl_schedule(1)
+    exact = make_preset("ring8", dtype=F64).exact_denoiser(sch)
+    assert exact.finite_at_zero_noise is True
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    pred = exact(x, torch.zeros(4, dtype=F64))
+    assert bool(torch.isfinite(pred.eps).all()) and torch.equal(pred.x0, x)

@@ -134,6 +134,8 @@ class MLPDenoiser(Denoiser):
     """odecm denoiser around a network ``net(x_in, u)`` (an ``MLP`` or a ``toys.ensemble.EnsembleMLP``):
     ``x0_hat = net(c_in x, u)`` (``predicts="x0"``) or ``eps_hat = net(c_in x, u)`` (``"eps"``)."""
 
+    finite_at_zero_noise = False  # x0 = net(...) gives eps = (x - alpha x0) / sigma; see odecm.denoisers.Denoiser
+
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, config: NetworkConfig):
         super().__init__(schedule)
         self.net, self.config = net, config

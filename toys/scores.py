@@ -149,6 +149,8 @@ class LearnedDenoiser(Denoiser):
 
     ``loaded_from_cache`` tells whether the weights came from disk; ``config`` is the hashed config."""
 
+    finite_at_zero_noise = False  # c_noise = log(sigma / alpha) / 4 diverges at sigma = 0; see odecm.denoisers.Denoiser
+
     def __init__(self, net: TimeMLP, schedule: NoiseSchedule, v_data: float, predict: str, config: dict | None = None):
         super().__init__(schedule)
         if predict not in ("eps", "x0"):
