@@ -1,20 +1,33 @@
-"""Probability-flow ODE solvers.
+"""Probability-flow ODE solvers: two families, one signature.
 
-All one-step solvers share one signature, ``step(denoiser, x, t_from, t_to, cond) -> x_next``,
-with per-sample times (``t_from``, ``t_to`` of shape ``(B,)`` or scalars). They work in the scaled
-coordinates of the PF-ODE, ``y = x / alpha``, ``s = sigma / alpha``, where every schedule's ODE reads
+Every one-step solver is ``step(denoiser, x, t_from, t_to, cond) -> x_next`` with per-sample times
+(``t_from``, ``t_to`` of shape ``(B,)`` or scalars).
+
+**EDM / diffusers family** (``ddim``, ``euler``, ``heun``) works in the scaled coordinates
+``y = x / alpha``, ``s = sigma / alpha``, where every schedule's PF-ODE reads
 
     dy/ds = (y - x0_hat(x, t)) / s = eps_hat(x, t),        x = alpha(t) y.
 
 * ``ddim`` — the exact first-order data-prediction step ``x' = alpha' x0_hat + sigma' eps_hat``.
-* ``euler`` — Euler on ``dy/ds`` (diffusers' EulerDiscreteScheduler and EDM's Euler):
-  ``y' = y + (s' - s) eps_hat``. In exact arithmetic this is the same update as DDIM (Karras et
-  al. 2022, Sec. 3); the two differ only through the grids they are used on (diffusers' Euler ends
-  at sigma = 0, its DDIM at alphas_cumprod[0]) and float rounding. Both are first order.
-* ``heun`` — EDM's Heun (Alg. 1) / diffusers' HeunDiscreteScheduler: an Euler predictor, then the
-  trapezoid ``y' = y + (s' - s)(d + d')/2``; a step that ends at ``s' = 0`` is a plain Euler step.
+* ``euler`` — Euler on ``dy/ds``: ``y' = y + (s' - s) eps_hat``. In exact arithmetic the same update
+  as DDIM (Karras et al. 2022, Sec. 3; ``equivalent_to = "ddim"``).
+* ``heun`` — EDM's Heun (Alg. 1): an Euler predictor, then the trapezoid in ``(y, s)``; a step that
+  ends at ``s' = 0`` is a plain Euler step.
 
-``solve`` runs a batch from each sample's own start index down to index 0 of a grid;
+**The paper's VP family** (``euler_vp``, ``heun_vp``) steps the PF-ODE in ``(x, t)``:
+
+    dx/dt = f(t) x + g(t)^2 / (2 sigma(t)) eps_hat(x, t)      (VP: f = -beta/2, g^2 = beta).
+
+* Continuous schedules: ``f = schedule.drift``, ``g^2 = schedule.diffusion2``, ``sigma``, ``dt = t' - t``.
+* ``DiscreteSchedule``: beta and sigma are the scheduler's own tables, as the paper's code reads
+  them: ``beta = T betas[k]``, ``sigma = sqrt(1 - alphas_cumprod[k])`` with table index
+  ``k = t - timestep_offset`` and ``dt = (t' - t) / T``; non-integer times interpolate the tables
+  linearly in t (the tables themselves at integers).
+* **Clean-end rule.** At ``sigma(t) = 0`` the coefficient ``g^2 / (2 sigma)`` is undefined; there the
+  coefficients of the smallest positive noise level are used: table index 0 on a discrete schedule
+  (the paper's ``betas[0]``, ``sigmas[0]``), ``t_min`` on a continuous one.
+
+``solve`` runs a batch from each sample's own start index down to an end index of a grid;
 ``solve_adaptive`` integrates the ODE with torchdiffeq (dopri5 / dopri8) for reference solutions.
 """
 from __future__ import annotations
@@ -25,6 +38,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from .denoisers import Denoiser, NFECounter, batch_time, broadcast_time, index_cond
+from .schedules import DiscreteSchedule, NoiseSchedule
 
 Tensor = torch.Tensor
 
@@ -33,6 +47,9 @@ __all__ = [
     "DDIM",
     "Euler",
     "Heun",
+    "EulerVP",
+    "HeunVP",
+    "vp_coefficients",
     "SOLVERS",
     "get_solver",
     "SolveResult",
@@ -43,11 +60,13 @@ __all__ = [
 
 class Solver:
     """A one-step PF-ODE solver. ``order`` is its convergence order, ``evals_per_step`` the
-    denoiser calls of an interior step."""
+    denoiser calls of an interior step, ``equivalent_to`` the registry name of a solver whose
+    update it equals in exact arithmetic (None: no other)."""
 
     name: str = ""
     order: int = 0
     evals_per_step: int = 1
+    equivalent_to: str | None = None
 
     def step(self, denoiser: Denoiser, x: Tensor, t_from: Any, t_to: Any, cond: Any = None) -> Tensor:
         raise NotImplementedError
@@ -63,7 +82,10 @@ def _scaled(denoiser: Denoiser, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class DDIM(Solver):
-    """``x' = alpha(t') x0_hat + sigma(t') eps_hat`` (Song et al. 2021, eta = 0)."""
+    """``x' = alpha(t') x0_hat + sigma(t') eps_hat`` (Song et al. 2021, eta = 0).
+
+    Reproduces diffusers' ``DDIMScheduler`` (eta = 0) and the paper's ``DDIMSolver`` (which is
+    LCM's): on SDXL's discrete schedule with the tables of ``odecm.schedules``."""
 
     name, order = "ddim", 1
 
@@ -75,9 +97,12 @@ class DDIM(Solver):
 
 
 class Euler(Solver):
-    """Euler on ``dy/ds = eps_hat``: ``x' = alpha(t') (x / alpha(t) + (s' - s) eps_hat)``."""
+    """Euler on ``dy/ds = eps_hat``: ``x' = alpha(t') (x / alpha(t) + (s' - s) eps_hat)``.
 
-    name, order = "euler", 1
+    Reproduces EDM's Euler and diffusers' ``EulerDiscreteScheduler``; equals ``ddim`` in exact
+    arithmetic (``equivalent_to = "ddim"``). Not the paper's Euler (that is ``euler_vp``)."""
+
+    name, order, equivalent_to = "euler", 1, "ddim"
 
     def step(self, denoiser, x, t_from, t_to, cond=None):
         t_from, t_to = batch_time(t_from, x), batch_time(t_to, x)
@@ -90,8 +115,9 @@ class Euler(Solver):
 class Heun(Solver):
     """EDM's Heun step in ``(y, s)``; falls back to Euler where ``s(t') == 0``.
 
-    Samples whose step ends at s' = 0 skip the corrector, and the corrector's denoiser call is
-    made on the remaining samples only."""
+    Reproduces EDM's Alg. 1 and diffusers' ``HeunDiscreteScheduler``. Samples whose step ends at
+    s' = 0 skip the corrector, and the corrector's denoiser call is made on the remaining samples
+    only. Not the paper's Heun (that is ``heun_vp``)."""
 
     name, order, evals_per_step = "heun", 2, 2
 
@@ -115,11 +141,102 @@ class Heun(Solver):
         return a2 * y_out
 
 
-SOLVERS: dict[str, type[Solver]] = {"ddim": DDIM, "euler": Euler, "heun": Heun}
+# --------------------------------------------------------------------------- the paper's VP solvers
+def vp_coefficients(schedule: NoiseSchedule, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` of the PF-ODE in (x, t): ``dx/dtau = a(t) x + b(t) eps_hat`` with ``tau = t / T`` on a
+    discrete schedule (the paper's continuous time) and ``tau = t`` on a continuous one.
+
+    ``a = f = -beta/2``, ``b = g^2 / (2 sigma) = beta / (2 sigma)`` (VP); float64, shape of ``t``.
+    Discrete: ``beta = T betas[t - offset]``, ``sigma = sqrt(1 - alphas_cumprod[t - offset])``
+    (linear in t between integers; index 0 below ``t_min``, the clean point included).
+    Continuous: ``f = drift``, ``g^2 = diffusion2`` at ``t`` where ``sigma(t) > 0`` and at ``t_min``
+    where ``sigma(t) = 0`` (the clean-end rule)."""
+    t = t.to(torch.float64)
+    if isinstance(schedule, DiscreteSchedule):
+        beta = schedule.table_at(schedule.vp_betas, t)
+        sigma = schedule.table_at(schedule.vp_sigmas, t)
+        return -0.5 * beta, 0.5 * (1.0 / sigma) * beta
+    t_coef = torch.where(schedule.sigma(t) > 0, t, torch.full_like(t, float(schedule.t_min)))
+    return schedule.drift(t_coef), schedule.diffusion2(t_coef) / (2.0 * schedule.sigma(t_coef))
+
+
+def _vp_derivative(schedule: NoiseSchedule, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """``d = a(t) x + b(t) eps`` (``vp_coefficients``), broadcast against x."""
+    a, b = vp_coefficients(schedule, t)
+    return broadcast_time(a, x) * x + broadcast_time(b, x) * eps
+
+
+def _vp_dt(schedule: NoiseSchedule, t_from: Tensor, t_to: Tensor, x: Tensor) -> Tensor:
+    """The step in the ODE's time: ``(t' - t) / T`` on a discrete schedule, ``t' - t`` otherwise."""
+    dt = t_to.to(torch.float64) - t_from.to(torch.float64)
+    if isinstance(schedule, DiscreteSchedule):
+        dt = dt / schedule.num_train_timesteps
+    return broadcast_time(dt, x)
+
+
+class EulerVP(Solver):
+    """The paper's Euler step on the VP PF-ODE in (x, t) (``EulerSolver`` of Vouitsis et al.'s
+    ``train_cm.py`` / ``train_direct_cm.py``):
+
+        d = -1/2 beta(t) x + 1/2 beta(t) / sigma(t) eps_hat(x, t),      x' = x + dt d,
+
+    with beta, sigma and dt as in ``vp_coefficients`` (on SDXL's schedule with the paper's
+    indexing, ``timestep_offset=1``: ``beta = T betas[t - 1]``, ``sigma = sqrt(1 - alphas_cumprod[t - 1])``,
+    ``dt = (t' - t) / T``). First order; not equal to DDIM."""
+
+    name, order = "euler_vp", 1
+
+    def step(self, denoiser, x, t_from, t_to, cond=None):
+        t_from, t_to = batch_time(t_from, x), batch_time(t_to, x)
+        d = _vp_derivative(denoiser.schedule, x, t_from, denoiser(x, t_from, cond).eps)
+        return x + _vp_dt(denoiser.schedule, t_from, t_to, x) * d
+
+
+class HeunVP(Solver):
+    """The paper's Heun step on the VP PF-ODE in (x, t) (``EulerSolver`` predictor + ``HeunSolver``
+    corrector of Vouitsis et al.'s ``train_direct_cm.py``):
+
+        d  = a(t) x + b(t) eps_hat(x, t),                 x_pred = x + dt d,
+        d' = a(t') x_pred + b(t') eps_hat(x_pred, t'),    x' = x + dt (d + d') / 2,
+
+    with ``a, b`` from ``vp_coefficients`` and ``dt`` as in ``euler_vp``. The corrector runs on
+    **every** interval, the last included: on a step that ends at the clean point (sigma(t') = 0) the
+    denoiser is called at ``t' = t_clean`` (the paper calls the UNet at timestep 0) with the clean-end
+    coefficients (table index 0 / ``t_min``). Where the denoiser cannot be evaluated at zero noise
+    (``denoiser.finite_at_zero_noise`` False: x0-predicting networks, ``c_noise = log sigma``), that
+    call is made at the schedule's ``t_min`` (the smallest positive noise level) instead; a flagged
+    denoiser that returns non-finite eps there raises ``FloatingPointError``. Second order."""
+
+    name, order, evals_per_step = "heun_vp", 2, 2
+
+    def step(self, denoiser, x, t_from, t_to, cond=None):
+        sch = denoiser.schedule
+        t_from, t_to = batch_time(t_from, x), batch_time(t_to, x)
+        dt = _vp_dt(sch, t_from, t_to, x)
+        d = _vp_derivative(sch, x, t_from, denoiser(x, t_from, cond).eps)
+        x_pred = x + dt * d
+        at_zero_noise = sch.sigma(t_to) <= 0
+        any_zero = bool(at_zero_noise.any())
+        t_eval = t_to
+        if any_zero and not denoiser.finite_at_zero_noise:
+            t_eval = torch.where(at_zero_noise, torch.full_like(t_to, float(sch.t_min)), t_to)
+        eps2 = denoiser(x_pred, t_eval, cond).eps
+        if any_zero and not bool(torch.isfinite(eps2[at_zero_noise]).all()):
+            inner = denoiser
+            while hasattr(inner, "inner"):  # name the wrapped denoiser, not CFG / counting wrappers
+                inner = inner.inner
+            raise FloatingPointError(
+                f"heun_vp: {type(inner).__name__} returned non-finite eps at zero noise (t = t_clean); "
+                "set its class attribute finite_at_zero_noise = False so the last corrector uses t_min")
+        d2 = _vp_derivative(sch, x_pred, t_to, eps2)
+        return x + 0.5 * dt * (d + d2)
+
+
+SOLVERS: dict[str, type[Solver]] = {"ddim": DDIM, "euler": Euler, "heun": Heun, "euler_vp": EulerVP, "heun_vp": HeunVP}
 
 
 def get_solver(name: str) -> Solver:
-    """Solver by name: one of ``SOLVERS`` (ddim, euler, heun)."""
+    """Solver by name: one of ``SOLVERS`` (ddim, euler, heun, euler_vp, heun_vp)."""
     if name not in SOLVERS:
         raise ValueError(f"solver={name!r} is unknown; allowed: {sorted(SOLVERS)}")
     return SOLVERS[name]()
@@ -144,16 +261,16 @@ def solve(
     grid: Tensor,
     start_index: Tensor | int,
     cond: Any = None,
-    end_index: int = 0,
+    end_index: Tensor | int = 0,
     mask_mode: Literal["subset", "full"] = "subset",
     return_trajectory: bool = False,
 ) -> SolveResult:
-    """Run each sample from ``grid[start_index[b]]`` down to ``grid[end_index]``.
+    """Run each sample from ``grid[start_index[b]]`` down to ``grid[end_index[b]]``.
 
-    The loop goes k = max(start) .. end_index + 1; at step k the samples with
-    ``start_index >= k`` (already started, not yet finished) move from ``grid[k]`` to ``grid[k-1]``.
-    Each sample therefore takes exactly its own ``start - end`` steps, and the result for each
-    sample equals running it alone.
+    ``start_index`` and ``end_index`` are scalars or per-sample ``(B,)`` with ``end <= start``. The
+    loop goes k = max(start) .. min(end) + 1; at step k the samples with ``start >= k > end``
+    (started, not yet finished) move from ``grid[k]`` to ``grid[k-1]``. Each sample therefore takes
+    exactly its own ``start - end`` steps, and the result for each sample equals running it alone.
 
     ``mask_mode="subset"`` calls the denoiser on the active samples only (no wasted evaluations);
     ``"full"`` evaluates the whole batch every step and masks the update, as the paper's code does
@@ -164,33 +281,41 @@ def solve(
     if mask_mode not in ("subset", "full"):
         raise ValueError(f"mask_mode={mask_mode!r}; allowed: 'subset', 'full'")
     B = x.shape[0]
-    start = torch.as_tensor(start_index, device=x.device).long()
-    if start.dim() == 0:
-        start = start.expand(B)
-    if start.shape != (B,):
-        raise ValueError(f"start_index must be a scalar or shape ({B},), got {tuple(start.shape)}")
-    if int(start.min()) < end_index or int(start.max()) > grid.numel() - 1:
-        raise ValueError(f"start_index must lie in [{end_index}, {grid.numel() - 1}]")
+    start = _per_sample_index(start_index, B, x.device, "start_index")
+    end = _per_sample_index(end_index, B, x.device, "end_index")
+    if int(end.min()) < 0 or int(start.max()) > grid.numel() - 1 or bool((start < end).any()):
+        raise ValueError(f"need 0 <= end_index <= start_index <= {grid.numel() - 1} per sample")
     grid = grid.to(device=x.device)
     counted = NFECounter(denoiser)
     traj = [x] if return_trajectory else None
     x = x.clone()
     steps = 0
-    for k in range(int(start.max()), end_index, -1):
-        active = start >= k
+    for k in range(int(start.max()), int(end.min()), -1):
+        active = (start >= k) & (end < k)
         t_from = grid[k].to(x.dtype if x.is_floating_point() else torch.float32)
         t_to = grid[k - 1].to(t_from.dtype)
-        if mask_mode == "full" or bool(active.all()):
+        all_active = bool(active.all())
+        if mask_mode == "full" or all_active:
             x_new = solver.step(counted, x, t_from.expand(B), t_to.expand(B), cond)
-            x = torch.where(broadcast_time(active, x).bool(), x_new, x) if not bool(active.all()) else x_new
+            x = x_new if all_active else torch.where(broadcast_time(active, x).bool(), x_new, x)
         else:
             idx = active.nonzero(as_tuple=True)[0]
             n_act = idx.numel()
-            x[idx] = solver.step(counted, x[idx], t_from.expand(n_act), t_to.expand(n_act), index_cond(cond, idx))
+            if n_act:
+                x[idx] = solver.step(counted, x[idx], t_from.expand(n_act), t_to.expand(n_act), index_cond(cond, idx))
         steps += 1
         if traj is not None:
             traj.append(x.clone())
     return SolveResult(x=x, steps=steps, calls=counted.calls, evals=counted.evals, trajectory=traj)
+
+
+def _per_sample_index(index: Tensor | int, batch: int, device: Any, name: str) -> Tensor:
+    idx = torch.as_tensor(index, device=device).long()
+    if idx.dim() == 0:
+        idx = idx.expand(batch)
+    if idx.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or shape ({batch},), got {tuple(idx.shape)}")
+    return idx
 
 
 def ode_velocity(denoiser: Denoiser, cond: Any = None) -> Callable[[Tensor, Tensor], Tensor]:

@@ -19,7 +19,8 @@ F64 = torch.float64
 MEAN = torch.tensor([0.7, -0.4], dtype=F64)
 VAR = 0.3
 SCHEDULES = {"vp": VPLinear(), "ve": VE(), "edm": EDM()}
-EXPECTED_ORDER = {"euler": 1.0, "ddim": 1.0, "heun": 2.0}
+EXPECTED_ORDER = {"euler": 1.0, "ddim": 1.0, "heun": 2.0}  # the VP family: tests/test_paper_solvers.py
+EDM_FAMILY = ("ddim", "euler", "heun")
 
 
 def gaussian_denoiser(sch, mean=MEAN, var=VAR):
@@ -142,7 +143,8 @@ def test_solve_counts_heun_evaluations():
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_step_with_per_sample_times(solver):
-    """A batch with different (t_from, t_to) per sample equals a loop over samples; some end at sigma 0."""
+    """A batch with different (t_from, t_to) per sample equals a loop over samples; some end at sigma 0
+    (``nonlinear_denoiser`` predicts x0, so ``heun_vp`` evaluates its last corrector at t_min there)."""
     sch = VPLinear()
     den = nonlinear_denoiser(sch)
     g = torch.Generator().manual_seed(2)
@@ -155,13 +157,51 @@ def test_step_with_per_sample_times(solver):
     for b in range(5):
         alone = step(den, x[b:b + 1], t_from[b], t_to[b], cond[b:b + 1])
         torch.testing.assert_close(batched[b:b + 1], alone, rtol=1e-13, atol=1e-13)
-    # ending at sigma = 0, every solver returns x0_hat (Heun falls back to Euler)
-    x0 = den(x, t_from, cond).x0
-    torch.testing.assert_close(batched[[1, 3]], x0[[1, 3]], rtol=1e-12, atol=1e-12)
+    assert bool(torch.isfinite(batched).all())
+    if solver in EDM_FAMILY:  # ending at sigma = 0, the EDM-family solvers return x0_hat (Heun falls back to Euler)
+        x0 = den(x, t_from, cond).x0
+        torch.testing.assert_close(batched[[1, 3]], x0[[1, 3]], rtol=1e-12, atol=1e-12)
+    counted = NFECounter(den)
+    step(counted, x, t_from, t_to, cond)
     if solver == "heun":
-        counted = NFECounter(den)
-        step(counted, x, t_from, t_to, cond)
         assert counted.calls == 2 and counted.evals == 5 + 3  # corrector only where sigma(t_to) > 0
+    if solver == "heun_vp":
+        assert counted.calls == 2 and counted.evals == 5 + 5  # the paper's corrector runs on every interval
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_solve_to_per_sample_end_indices(solver):
+    """Per-sample (start, end): each sample equals solving it alone over its own window."""
+    sch = VPLinear()
+    den = nonlinear_denoiser(sch)
+    grid = karras(sch, 8)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 2, generator=g, dtype=F64)
+    cond = torch.randn(5, 2, generator=g, dtype=F64)
+    start, end = torch.tensor([8, 5, 3, 6, 2]), torch.tensor([6, 0, 3, 2, 1])
+    for mask_mode in ("subset", "full"):
+        res = solve(solver, den, x, grid, start, cond=cond, end_index=end, mask_mode=mask_mode)
+        assert res.steps == 8
+        for b in range(5):
+            alone = solve(solver, den, x[b:b + 1], grid, int(start[b]), cond=cond[b:b + 1], end_index=int(end[b])).x
+            torch.testing.assert_close(res.x[b:b + 1], alone, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(res.x[2], x[2], rtol=0, atol=0)  # start == end: untouched
+    if solver == "ddim":
+        assert solve(solver, den, x, grid, start, cond=cond, end_index=end).evals == int((start - end).sum())
+    with pytest.raises(ValueError, match="end_index <= start_index"):
+        solve(solver, den, x, grid, start, cond=cond, end_index=start + 1)
+
+
+def test_edm_euler_is_ddim():
+    """EDM's Euler equals DDIM in exact arithmetic, and the registry says so."""
+    assert SOLVERS["euler"].equivalent_to == "ddim"
+    sch = VPLinear()
+    den = nonlinear_denoiser(sch)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
+    cond = torch.zeros(6, 2, dtype=F64)
+    grid = karras(sch, 7)
+    torch.testing.assert_close(solve("euler", den, x, grid, 7, cond=cond).x, solve("ddim", den, x, grid, 7, cond=cond).x,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_heun_step_is_trapezoid_in_scaled_coordinates():
