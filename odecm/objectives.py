@@ -7,6 +7,9 @@ point ``x_0``, an index ``n`` in 1..N and ``x_{t_n} = alpha(t_n) x_0 + sigma(t_n
   step, then the *target* network (EMA of the student, or the student under stop-gradient).
 * Direct CD (eq. 5): ``target = f_solver(x_{t_n}, t_n, t_0)`` — the teacher solver run through every
   grid point down to ``t_0``; no target network.
+* k-step CD (between the two): ``target = f_target( Phi^k(x_{t_n}), t_{m} )`` with ``m = max(n - k, 0)``
+  — k teacher solver steps (fewer when n < k), then the target network at the reached time. k = 1
+  is CD; k >= n is Direct CD (``f_target(x, t_0) = x`` by the boundary condition).
 
 Loss: ``lambda(t_n) d( f_theta(x_{t_n}, t_n), target )`` averaged over the batch.
 
@@ -23,7 +26,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from .denoisers import Denoiser, NFECounter, broadcast_time
+from .denoisers import Denoiser, NFECounter, broadcast_time, index_cond
 from .schedules import NoiseSchedule
 from .solvers import Solver, get_solver, solve
 
@@ -35,6 +38,7 @@ __all__ = [
     "TargetOut",
     "CDTarget",
     "DirectCDTarget",
+    "KStepTarget",
     "PrecomputedTarget",
     "make_target_provider",
     "DISTANCES",
@@ -174,6 +178,72 @@ class DirectCDTarget(_TeacherTarget):
         return TargetOut(res.x, res.calls, res.evals, res.steps)
 
 
+class KStepTarget(_TeacherTarget):
+    """k-step CD target: ``k`` teacher solver steps ``t_n -> t_{n-1} -> ... -> t_m``, ``m = max(n - k, 0)``
+    per sample, then ``target_fn`` at ``t_m``.
+
+    Steps are taken in lockstep relative to each sample's own start: step j (j = 0..k-1) moves every
+    sample with ``n - j > 0`` from ``t_{n-j}`` to ``t_{n-j-1}`` in one batched solver step with
+    per-sample times, so the sequential depth is ``min(k, max n)``.
+
+    * ``k = 1`` is exactly ``CDTarget`` (the same single batched step and target call).
+    * Samples that reach ``t_0`` (``n <= k``) take the solver's state as their target: the boundary
+      condition ``f(x, t_0) = x`` imposed exactly, so ``k >= max n`` is exactly ``DirectCDTarget``'s
+      per-sample result and makes no target-network call. When some samples stop above ``t_0``,
+      ``target_fn`` runs on the whole batch (same dropout masks as the student, as in CD) and the
+      rows at ``t_0`` keep the solver's state.
+
+    ``mask_mode="subset"`` evaluates only the samples still stepping; ``"full"`` evaluates the whole
+    batch every step and masks the update (finished samples repeat a dummy step from ``t_1``).
+    """
+
+    method = "cd_k"
+
+    def __init__(self, teacher: Denoiser, solver: Solver | str, grid: Tensor, target_fn: Callable[..., Tensor],
+                 k: int, mask_mode: Literal["subset", "full"] = "subset"):
+        super().__init__(teacher, solver, grid)
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"k={k!r}; allowed: an integer >= 1 (1 = CD, >= N = Direct CD)")
+        if mask_mode not in ("subset", "full"):
+            raise ValueError(f"mask_mode={mask_mode!r}; allowed: 'subset', 'full'")
+        self.target_fn, self.k, self.mask_mode = target_fn, int(k), mask_mode
+
+    @torch.no_grad()
+    def __call__(self, x_tn: Tensor, n: Tensor, cond: Any = None, rng_state=None) -> TargetOut:
+        teacher = NFECounter(self.teacher)
+        n = n.to(x_tn.device)
+        x = x_tn
+        depth = min(self.k, int(n.max()))
+        for j in range(depth):
+            pos = n - j  # each sample's current grid index
+            active = pos > 0
+            if bool(active.all()):
+                x = self.solver.step(teacher, x, _grid_at(self.grid, pos, x), _grid_at(self.grid, pos - 1, x), cond)
+            elif self.mask_mode == "full":
+                pos = pos.clamp(min=1)
+                x_new = self.solver.step(teacher, x, _grid_at(self.grid, pos, x), _grid_at(self.grid, pos - 1, x), cond)
+                x = torch.where(broadcast_time(active, x).bool(), x_new, x)
+            else:
+                idx = active.nonzero(as_tuple=True)[0]
+                x = x.clone()
+                x[idx] = self.solver.step(teacher, x[idx], _grid_at(self.grid, pos[idx], x),
+                                          _grid_at(self.grid, pos[idx] - 1, x), index_cond(cond, idx))
+        m = (n - self.k).clamp(min=0)
+        at_t0 = m == 0
+        if bool(at_t0.all()):
+            value = x
+        else:
+            t_m = _grid_at(self.grid, m, x)
+            if rng_state is not None:
+                with same_randomness(rng_state):
+                    value = self.target_fn(x, t_m, cond)
+            else:
+                value = self.target_fn(x, t_m, cond)
+            if bool(at_t0.any()):
+                value = torch.where(broadcast_time(at_t0, value).bool(), x.to(value.dtype), value)
+        return TargetOut(value.detach(), teacher.calls, teacher.evals, depth)
+
+
 class PrecomputedTarget:
     """Targets computed beforehand (Direct CD targets do not depend on the student): the caller
     passes ``target=`` to ``consistency_loss``; this provider only refuses to be called without it."""
@@ -184,16 +254,27 @@ class PrecomputedTarget:
         raise RuntimeError("PrecomputedTarget: pass the stored target to consistency_loss(target=...)")
 
 
+METHODS = ("cd", "direct_cd", "cd_k")
+
+
 def make_target_provider(method: str, teacher: Denoiser, solver: Solver | str, grid: Tensor,
-                         target_fn: Callable | None = None, mask_mode: str = "subset"):
-    """``"cd"`` -> CDTarget (needs ``target_fn``), ``"direct_cd"`` -> DirectCDTarget."""
+                         target_fn: Callable | None = None, mask_mode: str = "subset", k: int | None = None):
+    """``"cd"`` -> CDTarget (needs ``target_fn``), ``"direct_cd"`` -> DirectCDTarget,
+    ``"cd_k"`` -> KStepTarget (needs ``target_fn`` and ``k`` >= 1; k = 1 is CD, k >= N is Direct CD).
+    ``k`` is accepted only with ``"cd_k"``."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; allowed: {list(METHODS)}")
+    if k is not None and method != "cd_k":
+        raise ValueError(f"k={k!r} is only used by method='cd_k' (got method={method!r})")
+    if method in ("cd", "cd_k") and target_fn is None:
+        raise ValueError(f"method={method!r} needs a target_fn (EMA copy or the student under stop-gradient)")
     if method == "cd":
-        if target_fn is None:
-            raise ValueError("method='cd' needs a target_fn (EMA copy or the student under stop-gradient)")
         return CDTarget(teacher, solver, grid, target_fn)
     if method == "direct_cd":
         return DirectCDTarget(teacher, solver, grid, mask_mode=mask_mode)  # type: ignore[arg-type]
-    raise ValueError(f"method={method!r}; allowed: 'cd', 'direct_cd'")
+    if k is None:
+        raise ValueError("method='cd_k' needs k (an integer >= 1: teacher steps before the target network)")
+    return KStepTarget(teacher, solver, grid, target_fn, k, mask_mode=mask_mode)  # type: ignore[arg-type]
 
 
 # --- distances: (a, b) -> per-sample values (B,) --------------------------------------------------
@@ -270,7 +351,7 @@ def get_weighting(name: str) -> Callable[[NoiseSchedule, Tensor, Tensor], Tensor
 
 def consistency_loss(
     student_fn: Callable[..., Tensor],
-    provider: CDTarget | DirectCDTarget | PrecomputedTarget,
+    provider: CDTarget | DirectCDTarget | KStepTarget | PrecomputedTarget,
     x0: Tensor | None,
     n: Tensor,
     grid: Tensor,

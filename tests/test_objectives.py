@@ -176,3 +176,103 @@ def test_cd_target_sees_same_dropout_as_student():
     # and the global RNG still advances between iterations (masks differ next time)
     terms2 = O.consistency_loss(f, provider, None, n, grid, sch, x_tn=x_tn)
     assert not torch.equal(terms2["prediction"], terms["prediction"])
+
+
+# ----------------------------------------------------------------------------- k-step CD
+class _Smooth(Denoiser):
+    """A nonlinear x0 predictor (the target network's inner denoiser)."""
+
+    def forward(self, x, t, cond=None):
+        return self.from_x0(x, t, torch.tanh(x) * (1 + 1e-3 * t.reshape(-1, 1)))
+
+
+class _GaussianX0(GaussianDenoiser):
+    finite_at_zero_noise = False  # predicts x0: eps = (x - alpha x0) / sigma is 0/0 at the clean point
+
+
+def _k_problem(B=9, seed=0, n_steps=10, offset=0):
+    sch = schedules.sdxl_schedule(offset)
+    grid = grids.skip(sch, n_steps)
+    g = torch.Generator().manual_seed(seed)
+    x_tn = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    n = torch.randint(1, n_steps + 1, (B,), generator=g)
+    n[:3] = torch.tensor([1, n_steps, 2])
+    f = ConsistencyFunction(_Smooth(sch), LCMBoundary())
+    return sch, grid, _GaussianX0(sch, MEAN, VAR), x_tn, n, f
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "euler_vp", "heun_vp"])
+def test_k_step_target_k1_is_cd_bitwise(solver):
+    sch, grid, teacher, x_tn, n, f = _k_problem()
+    cd = O.CDTarget(teacher, solver, grid, f)(x_tn, n)
+    for mask_mode in ("subset", "full"):
+        k1 = O.make_target_provider("cd_k", teacher, solver, grid, target_fn=f, k=1, mask_mode=mask_mode)(x_tn, n)
+        assert torch.equal(k1.value, cd.value)
+        assert (k1.calls, k1.evals, k1.steps) == (cd.calls, cd.evals, cd.steps)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("solver", ["ddim", "euler_vp", "heun_vp"])
+def test_k_step_target_large_k_is_direct_cd_bitwise(solver, offset):
+    """k >= max n: the solver's endpoint itself (no target-network call), with Direct CD's cost."""
+    sch, grid, teacher, x_tn, n, _ = _k_problem(offset=offset)
+    calls = []
+
+    def target_fn(x, t, cond=None):
+        calls.append(1)
+        return x
+
+    for mask_mode in ("subset", "full"):
+        direct = O.DirectCDTarget(teacher, solver, grid, mask_mode=mask_mode)(x_tn, n)
+        for k in (int(n.max()), 10, 50):
+            out = O.KStepTarget(teacher, solver, grid, target_fn, k, mask_mode=mask_mode)(x_tn, n)
+            assert torch.equal(out.value, direct.value), (k, mask_mode)
+            assert (out.calls, out.evals, out.steps) == (direct.calls, direct.evals, direct.steps)
+    assert not calls
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun_vp"])
+def test_k_step_target_intermediate_k(solver):
+    """1 < k < n: k solver steps (to t_m, m = max(n - k, 0)), then the target network at t_m; rows
+    that reach t_0 keep the solver's state. Cost: depth min(k, max n), sum_b min(k, n_b) steps."""
+    sch, grid, teacher, x_tn, n, f = _k_problem(B=12, seed=3)
+    k = 3
+    m = (n - k).clamp(min=0)
+    reached = solvers.solve(solver, teacher, x_tn, grid, n, end_index=m).x
+    expected = f(reached, grid[m])
+    expected[m == 0] = reached[m == 0]
+    per_step = solvers.get_solver(solver).evals_per_step
+    for mask_mode in ("subset", "full"):
+        out = O.KStepTarget(teacher, solver, grid, f, k, mask_mode=mask_mode)(x_tn, n)
+        torch.testing.assert_close(out.value, expected, rtol=1e-13, atol=1e-13)
+        assert out.steps == k and out.calls == k * per_step
+        assert out.evals == per_step * (int(torch.minimum(n, torch.tensor(k)).sum()) if mask_mode == "subset" else 12 * k)
+    # the boundary condition is imposed exactly: rows at t_0 keep the solver's state whatever target_fn does
+    shifted = O.KStepTarget(teacher, solver, grid, lambda x, t, cond=None: x + 1.0, k)(x_tn, n).value
+    assert torch.equal(shifted[m == 0], reached[m == 0]) and torch.equal(shifted[m > 0], reached[m > 0] + 1.0)
+    # the knob moves the target between the two ends
+    cd = O.CDTarget(teacher, solver, grid, f)(x_tn, n).value
+    direct = O.DirectCDTarget(teacher, solver, grid)(x_tn, n).value
+    deep = n > k
+    assert (out.value[deep] - cd[deep]).abs().max() > 1e-3 and (out.value[deep] - direct[deep]).abs().max() > 1e-3
+
+
+def test_k_step_target_in_the_loss_and_errors():
+    sch, grid, teacher, x_tn, n, f = _k_problem()
+    provider = O.make_target_provider("cd_k", teacher, "ddim", grid, target_fn=f, k=2)
+    assert isinstance(provider, O.KStepTarget) and provider.method == "cd_k"
+    terms = O.consistency_loss(f, provider, None, n, grid, sch, x_tn=x_tn)
+    assert terms["target_steps"] == 2 and terms["target_evals"] == int(torch.minimum(n, torch.tensor(2)).sum())
+    cd_terms = O.consistency_loss(f, O.CDTarget(teacher, "ddim", grid, f), None, n, grid, sch, x_tn=x_tn)
+    k1_terms = O.consistency_loss(f, O.KStepTarget(teacher, "ddim", grid, f, 1), None, n, grid, sch, x_tn=x_tn)
+    assert torch.equal(cd_terms["per_sample"], k1_terms["per_sample"])
+    with pytest.raises(ValueError, match="needs k"):
+        O.make_target_provider("cd_k", teacher, "ddim", grid, target_fn=f)
+    with pytest.raises(ValueError, match="k=0"):
+        O.make_target_provider("cd_k", teacher, "ddim", grid, target_fn=f, k=0)
+    with pytest.raises(ValueError, match="only used by method='cd_k'"):
+        O.make_target_provider("cd", teacher, "ddim", grid, target_fn=f, k=2)
+    with pytest.raises(ValueError, match="needs a target_fn"):
+        O.make_target_provider("cd_k", teacher, "ddim", grid, k=2)
+    with pytest.raises(ValueError, match="allowed"):
+        O.make_target_provider("cdk", teacher, "ddim", grid, target_fn=f, k=2)
