@@ -4,163 +4,129 @@ Roles: the *student* (trained module), the *target* (``EMATarget``: an EMA copy 
 rate ``mu``, or the student itself under stop-gradient when ``mu = 0`` — LCM-LoRA and the paper),
 and the *teacher* (frozen; lives inside the caller's ``loss_fn``).
 
-``Trainer.run`` repeats the recipe
+Use::
 
-  1. ``terms = loss_fn(step, generator)`` (a dict holding ``"loss"`` and any scalars to log);
-  2. guard: a non-finite loss or gradient norm skips the step (counted; past ``max_nonfinite``
-     skipped steps the run stops with ``NonFiniteLossError``, the last good checkpoint intact);
-  3. backward, gradient clipping, optimizer and scheduler step;
-  4. target update ``theta_target <- mu theta_target + (1 - mu) theta_student``;
-  5. log (JSON lines), checkpoint every K steps (atomic: written to a temporary folder, then
-     renamed, then the ``latest`` pointer replaced).
+    trainer = Trainer(student, optimizer, loss_fn, out_dir, TrainerConfig(train_steps=250, checkpoint_every=50),
+                      target=target, lr_scheduler=sched, accelerator=acc,        # or accelerator=None
+                      scaler=None,                # a torch.amp.GradScaler for fp16 without accelerate
+                      run_config=cfg_dict,        # the run's resolved config, stored in every checkpoint
+                      resume_policy=POLICY, allow_change=())   # what a resume may change (odecm.runs)
+    history = trainer.run(resume=None | "latest" | "<out_dir>/checkpoints/step_0000050")
+    trainer.totals                  # whole-run totals (steps, wall seconds, skips), across resumes
+    trainer.finished_before_start   # True: resumed a finished run, nothing was done or written
 
-Checkpoints hold the student's (and target's) tensors as safetensors, and the optimizer,
-scheduler, step, skip counter and every RNG state (torch CPU/CUDA, the loop's generator, Python,
-NumPy) in ``state.pt``, so a resumed run continues bitwise where it stopped.
+``Trainer.train_step`` is the recipe
+
+  1. ``terms = loss_fn(step, generator)`` under autocast (a dict holding ``"loss"`` and any
+     scalars to log);
+  2. loss guard, decided for all processes at once (one all-reduce): if any rank's loss is NaN/inf
+     every rank skips the step;
+  3. backward (through the grad scaler under fp16), unscale, clip; the gradient-norm guard is
+     all-reduced too;
+  4. optimizer step. Without a grad scaler a non-finite gradient skips it. With one (fp16) the step
+     always goes through ``scaler.step`` + ``scaler.update``, which skip it on overflow and lower the
+     loss scale: an *overflow skip*, logged and totalled but not counted as non-finite (unless more
+     than ``max_consecutive_overflows`` come in a row);
+  5. after a real step: lr scheduler step, target update
+     ``theta_target <- mu theta_target + (1 - mu) theta_student``;
+  6. non-finite skips are counted over the whole run; past ``max_nonfinite`` every rank stops with
+     ``NonFiniteLossError``, the last published checkpoint intact. A step that is not a non-finite
+     skip publishes the pending checkpoint: its weights just gave a finite loss and gradient;
+  7. log (JSON lines, main process), checkpoint every ``checkpoint_every`` steps.
+
+Checkpoints (format: ``odecm.checkpoint``; safetensors + JSON, nothing pickled) hold the student
+(and EMA target) tensors, the optimizer (torch or bitsandbytes 8-bit), lr scheduler and grad scaler
+states, every RNG state (torch CPU/CUDA, the loop's generator, Python, NumPy), the step, the run id,
+the whole-run totals, the loop settings and the run's config, so a resumed run continues bitwise.
+A checkpoint is written only if every parameter is finite, first as ``.pending_step_K``; it is
+*published* (renamed ``step_K``, named by ``latest``) only once its exact weights have been seen to
+work: by the next step that is not a non-finite skip (finite loss and, without a grad scaler,
+finite gradient), or at the end of training by one extra loss evaluation without a step, which
+must be finite (RNG states restored afterwards). A diverged step (lr = 1e6: finite weights of
+size 1e6 whose loss overflows) therefore never becomes ``latest``. Publishing prunes this run's
+checkpoints to the newest ``keep_checkpoints``.
+
+Resume policy: ``run(resume="latest")`` without a checkpoint is an error, never a fresh start; a
+fresh start in a folder holding checkpoints is an error (see ``odecm.runs.prepare_run_dir``); the
+loop settings may change except ``seed`` and ``grad_clip`` (``train_steps`` may only grow); the run
+config is compared under ``resume_policy`` (default: no change allowed); a run already at
+``train_steps`` is reported finished and left as it is. Leftover ``.tmp_*`` / ``.pending_*``
+folders of killed writes are deleted when a run starts.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from . import checkpoint as ckpt
+from .checkpoint import latest_checkpoint, load_tensors_into, rng_state, save_tensors, set_rng_state
+from .optim import check_optimizer, constant_with_warmup, make_optimizer
+from .runs import ResumePolicy, RunDirError, check_resume_config, grows, new_run_id, resolve_resume
+from .target import EMATarget
 
 __all__ = [
     "EMATarget",
     "TrainerConfig",
     "Trainer",
     "NonFiniteLossError",
+    "TRAINER_RESUME_POLICY",
     "latest_checkpoint",
     "save_tensors",
     "load_tensors_into",
     "make_optimizer",
+    "check_optimizer",
     "constant_with_warmup",
 ]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when more than ``max_nonfinite`` steps had a NaN/inf loss or gradient."""
-
-
-class EMATarget:
-    """Target network policy.
-
-    ``rate > 0``: a frozen deep copy updated as ``p_target <- rate p_target + (1 - rate) p_student``.
-    ``rate == 0``: no copy — the target *is* the online student, called under ``torch.no_grad()``
-    (stop-gradient); numerically identical to an EMA with rate 0, without the memory.
-    ``params`` restricts the EMA to a subset of parameter names (e.g. LoRA weights only);
-    ``copy_fn`` makes the target copy (default ``copy.deepcopy``; a LoRA student can share its
-    frozen base weights with the copy instead of duplicating them).
-    """
-
-    def __init__(self, student: nn.Module, rate: float, params: Callable[[str], bool] | None = None,
-                 copy_fn: Callable[[nn.Module], nn.Module] = copy.deepcopy):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"target.ema_rate={rate!r}; allowed: 0 <= rate < 1 (0 = stop-gradient)")
-        self.rate = float(rate)
-        self.student = student
-        self.select = params or (lambda name: True)
-        self.module: nn.Module | None = None
-        if self.rate > 0:
-            self.module = copy_fn(student)
-            self.module.requires_grad_(False)
-
-    @property
-    def is_stop_gradient(self) -> bool:
-        return self.module is None
-
-    @property
-    def network(self) -> nn.Module:
-        """The module to evaluate as the target (call it under no_grad)."""
-        return self.student if self.module is None else self.module
-
-    def __call__(self, *args, **kwargs):
-        with torch.no_grad():
-            return self.network(*args, **kwargs)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        if self.module is None:
-            return
-        src = dict(self.student.named_parameters())
-        for name, p in self.module.named_parameters():
-            if name in src and self.select(name):
-                p.lerp_(src[name].detach().to(p.dtype), 1.0 - self.rate)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.module is None:
-            return {}
-        return {k: v for k, v in self.module.state_dict().items() if self.select(k)}
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        if self.module is not None and sd:
-            load_tensors_into(self.module, sd)
+    """More than ``max_nonfinite`` steps had a NaN/inf loss or gradient, or the final weights give a
+    non-finite loss; the last published checkpoint is intact."""
 
 
 @dataclass
 class TrainerConfig:
-    """Loop settings. ``grad_clip=None`` disables clipping; ``checkpoint_every=0`` saves only at the end."""
+    """Loop settings. ``grad_clip=None`` disables clipping; ``checkpoint_every=0`` saves only at the
+    end; ``steps=`` is the old spelling of ``train_steps`` (accepted while callers move over)."""
 
-    steps: int
+    train_steps: int | None = None
     grad_clip: float | None = 1.0
     log_every: int = 1
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     max_nonfinite: int = 10
+    max_consecutive_overflows: int = 30
     seed: int = 0
     progress: bool = True
+    steps: InitVar[int | None] = None
+
+    def __post_init__(self, steps: int | None) -> None:
+        if steps is not None:
+            if self.train_steps is not None and self.train_steps != steps:
+                raise ValueError(f"TrainerConfig: train_steps={self.train_steps} and steps={steps} disagree")
+            self.train_steps = steps
+        for name, low in (("train_steps", 1), ("log_every", 1), ("checkpoint_every", 0), ("keep_checkpoints", 1),
+                          ("max_nonfinite", 0), ("max_consecutive_overflows", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"TrainerConfig.{name}={value!r}; allowed: an integer >= {low}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainerConfig.grad_clip={self.grad_clip!r}; allowed: > 0, or None (no clipping)")
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file of contiguous CPU clones (shared storage is not allowed by the format)."""
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
-
-
-def load_tensors_into(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load a (possibly partial, e.g. LoRA-only) state dict; unknown keys are an error."""
-    result = module.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise KeyError(f"checkpoint has keys the module lacks: {result.unexpected_keys[:5]} ...")
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The folder named by ``<out_dir>/checkpoints/latest``, or None."""
-    pointer = Path(out_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = Path(out_dir) / "checkpoints" / pointer.read_text().strip()
-    return path if path.exists() else None
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "generator": generator.get_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["generator"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+#: what a resume may change in ``TrainerConfig``: not the seed or the clipping; train_steps may only grow
+TRAINER_RESUME_POLICY = ResumePolicy(refuse=("seed", "grad_clip"), default="note",
+                                     conditions={"train_steps": (grows, "train_steps may only grow")})
 
 
 def _scalar(v: Any) -> Any:
@@ -171,12 +137,20 @@ def _scalar(v: Any) -> Any:
     return None
 
 
+def _dist() -> Any:
+    """``torch.distributed`` when a process group of more than one rank is running, else None."""
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() and d.get_world_size() > 1 else None
+
+
 class Trainer:
     """Generic loop. ``loss_fn(step, generator) -> dict`` with a scalar tensor ``"loss"``; every other
     scalar entry (float, int, 1-element tensor) is logged. ``student_state`` selects what the
     checkpoint stores of the student (default: its full state dict; LoRA students pass the adapter
-    weights). With an ``accelerate.Accelerator`` the loop uses its backward, clipping and autocast,
-    and only the main process logs and saves."""
+    weights). With an ``accelerate.Accelerator`` the loop uses its backward, clipping, autocast and
+    grad scaler (fp16), and only the main process logs and writes; without one, ``scaler`` may be a
+    ``torch.amp.GradScaler``. Under ``torch.distributed`` (with or without accelerate) every
+    skip / stop decision is all-reduced, so ranks never diverge or deadlock."""
 
     def __init__(
         self,
@@ -192,107 +166,233 @@ class Trainer:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         params: Iterable[torch.nn.Parameter] | None = None,
         run_info: dict[str, Any] | None = None,
+        scaler: Any = None,
+        run_config: dict[str, Any] | None = None,
+        resume_policy: ResumePolicy | None = None,
+        allow_change: Sequence[str] = (),
     ):
         self.student, self.optimizer, self.loss_fn = student, optimizer, loss_fn
         self.out_dir, self.config, self.target = Path(out_dir), config, target
         self.lr_scheduler, self.accelerator = lr_scheduler, accelerator
+        if scaler is not None and accelerator is not None:
+            raise ValueError("Trainer: pass scaler only without an accelerator (accelerate's fp16 uses accelerator.scaler)")
+        self.scaler = getattr(accelerator, "scaler", None) if accelerator is not None else scaler
+        if self.scaler is not None and not self.scaler.is_enabled():
+            self.scaler = None
         self.student_state = student_state or (lambda m: m.state_dict())
         self.autocast = autocast or (accelerator.autocast if accelerator is not None else contextlib.nullcontext)
         self.params = [p for p in (params if params is not None else student.parameters()) if p.requires_grad]
         self.run_info = run_info or {}
+        self.run_config = json.loads(json.dumps(run_config)) if run_config is not None else None
+        self.resume_policy = resume_policy or ResumePolicy()
+        self.allow_change = tuple(allow_change)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.nonfinite = 0
+        self.run_id: str | None = None
         self.history: list[dict[str, Any]] = []
+        self.resume_notes: list[str] = []
+        self.resumed_from: int | None = None
+        self.finished_before_start = False
+        self._totals = {"optimizer_steps": 0, "overflow_skips": 0, "wall_seconds": 0.0, "segments": 0}
+        self._segment_start: float | None = None
+        self._consecutive_overflows = 0
+        self._pending_step: int | None = None
+        self._published_step: int | None = None
 
-    # --- helpers ---------------------------------------------------------------------------
+    # --- processes -------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
+        if self.accelerator is not None:
+            return self.accelerator.is_main_process
+        d = _dist()
+        return d is None or d.get_rank() == 0
+
+    def _barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        elif _dist() is not None:
+            _dist().barrier()
+
+    def _device(self) -> torch.device:
+        """Where collective tensors live (NCCL needs them on the GPU)."""
+        if self.accelerator is not None:
+            return self.accelerator.device
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True iff ``ok`` holds on every process (one all-reduce of a flag under torch.distributed)."""
+        d = _dist()
+        if d is None:
+            return ok
+        bad = torch.tensor([0.0 if ok else 1.0], device=self._device())
+        d.all_reduce(bad, op=d.ReduceOp.SUM)
+        return float(bad) == 0.0
+
+    def _broadcast_run_id(self, run_id: str) -> str:
+        d = _dist()
+        if d is None:
+            return run_id
+        buf = torch.tensor(list(bytes.fromhex(run_id)), dtype=torch.uint8, device=self._device())
+        d.broadcast(buf, src=0)
+        return bytes(buf.cpu().tolist()).hex()
 
     def _unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.student) if self.accelerator is not None else self.student
+        if self.accelerator is not None:
+            return self.accelerator.unwrap_model(self.student)
+        return self.student.module if isinstance(self.student, nn.parallel.DistributedDataParallel) else self.student
 
     @property
     def log_path(self) -> Path:
         return self.out_dir / "log.jsonl"
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / ckpt.CHECKPOINTS
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        """Whole-run totals, across resumes: steps taken (``steps``, skipped ones included),
+        ``optimizer_steps``, ``skipped_nonfinite``, ``overflow_skips``, ``wall_seconds`` spent in
+        ``run`` (an earlier segment counts up to its last checkpoint) and ``segments`` (runs of
+        ``run`` that trained)."""
+        wall = self._totals["wall_seconds"]
+        if self._segment_start is not None:
+            wall += time.perf_counter() - self._segment_start
+        return {"steps": self.step, "optimizer_steps": self._totals["optimizer_steps"],
+                "skipped_nonfinite": self.nonfinite, "overflow_skips": self._totals["overflow_skips"],
+                "wall_seconds": wall, "segments": self._totals["segments"]}
+
     # --- checkpointing ----------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_XXXXXXX`` atomically and point ``latest`` at it."""
-        ckdir = self.out_dir / "checkpoints"
-        final = ckdir / f"step_{self.step:07d}"
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+    def _weights_finite(self) -> bool:
+        """Every trained (and EMA target) parameter finite; one device sync."""
+        tensors = list(self.params)
+        if self.target is not None and self.target.module is not None:
+            tensors += list(self.target.module.parameters())
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+        return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+    def _pending_path(self, step: int) -> Path:
+        return self.checkpoint_dir / f"{ckpt.PENDING_PREFIX}step_{step:07d}"
+
+    def save_checkpoint(self, publish: bool = False) -> Path | None:
+        """Write ``.pending_step_XXXXXXX`` (atomically: a temporary folder, then a rename) if every
+        weight is finite on every process, else nothing (returns None). ``publish=True`` publishes it
+        at once (the caller vouches for the weights); otherwise ``train_step`` publishes it after the
+        next finite loss and ``run`` at its end."""
+        if not self._all_ranks(self._weights_finite()):
+            if self.is_main:
+                print(f"[odecm] step {self.step}: non-finite weights, checkpoint not written", flush=True)
+            return None
+        if self._pending_step is not None and self._pending_step != self.step:
+            self._discard_pending()  # superseded before it could be verified
+        self._barrier()
+        pending = self._pending_path(self.step)
         if self.is_main:
-            ckdir.mkdir(parents=True, exist_ok=True)
-            tmp = ckdir / f".tmp_{final.name}_{os.getpid()}"
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.checkpoint_dir / f".tmp_step_{self.step:07d}_{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            save_tensors(self.student_state(self._unwrapped()), tmp / "student.safetensors")
+            weights = {"student": self.student_state(self._unwrapped())}
             if self.target is not None and not self.target.is_stop_gradient:
-                save_tensors(self.target.state_dict(), tmp / "target.safetensors")
-            state = {
-                "step": self.step,
-                "nonfinite": self.nonfinite,
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-                "rng": _rng_state(self.generator),
-                "run_info": self.run_info,
-            }
-            torch.save(state, tmp / "state.pt")
-            (tmp / "COMPLETE").write_text(str(self.step))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer_tmp = ckdir / f".latest_{os.getpid()}"
-            pointer_tmp.write_text(final.name)
-            os.replace(pointer_tmp, ckdir / "latest")
-            self._prune(ckdir)
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+                weights["target"] = self.target.state_dict()
+            meta = {"step": self.step, "run_id": self.run_id, "nonfinite": self.nonfinite, "totals": self.totals,
+                    "trainer": asdict(self.config), "config": self.run_config, "run_info": self.run_info}
+            state = {"optimizer": self.optimizer.state_dict(),
+                     "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                     "rng": rng_state(self.generator)}
+            ckpt.write_checkpoint(tmp, meta, state, weights)
+            shutil.rmtree(pending, ignore_errors=True)
+            os.replace(tmp, pending)
+        self._pending_step = self.step
+        self._barrier()
+        if publish:
+            return self._publish()
+        return pending
+
+    def _publish(self) -> Path | None:
+        step, self._pending_step = self._pending_step, None
+        if step is None:
+            return None
+        final = self.checkpoint_dir / f"step_{step:07d}"
+        if self.is_main:
+            final = ckpt.publish(self._pending_path(step), self.config.keep_checkpoints, self.run_id)
+        self._published_step = step
         return final
 
-    def _prune(self, ckdir: Path) -> None:
-        done = sorted(p for p in ckdir.glob("step_*") if (p / "COMPLETE").exists())
-        for old in done[: max(0, len(done) - self.config.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _discard_pending(self) -> None:
+        step, self._pending_step = self._pending_step, None
+        if step is not None and self.is_main:
+            shutil.rmtree(self._pending_path(step), ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore student, target, optimizer, scheduler, RNG states and the step counter."""
-        path = Path(path)
-        if not (path / "COMPLETE").exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-        load_tensors_into(self._unwrapped(), load_file(str(path / "student.safetensors")))
-        if self.target is not None and (path / "target.safetensors").exists():
-            self.target.load_state_dict(load_file(str(path / "target.safetensors")))
-        state = torch.load(path / "state.pt", weights_only=False)
+        """Restore student, target, optimizer, scheduler, grad scaler, RNG states, step counter, run
+        id and totals (no config check: ``resume`` does that)."""
+        meta, state, weights = ckpt.read_state(path)
+        load_tensors_into(self._unwrapped(), weights["student"])
+        if self.target is not None and "target" in weights:
+            self.target.load_state_dict(weights["target"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        _set_rng_state(state["rng"], self.generator)
-        self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], self.generator)
+        self.step, self.nonfinite, self.run_id = int(meta["step"]), int(meta["nonfinite"]), meta["run_id"]
+        totals = meta["totals"]
+        self._totals = {k: totals[k] for k in ("optimizer_steps", "overflow_skips", "wall_seconds", "segments")}
         if self.is_main and self.log_path.exists():  # drop log lines past the restored step
             keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
             self.log_path.write_text("".join(ln + "\n" for ln in keep))
 
     def resume(self, spec: str | Path | None) -> bool:
-        """``spec`` = ``"latest"`` (this run's newest checkpoint, if any) or a checkpoint folder."""
+        """``spec`` = ``"latest"`` (this run's newest published checkpoint; an error if there is none)
+        or a checkpoint folder of this run. Checks the loop settings and the run config against the
+        checkpoint's (``ConfigChangeError`` lists every refused difference), then loads it."""
         if spec in (None, "", False):
             return False
-        path = latest_checkpoint(self.out_dir) if spec == "latest" else Path(spec)
-        if path is None:
-            return False
+        path = resolve_resume(self.out_dir, spec)
+        meta = ckpt.read_meta(path)
+        notes = check_resume_config(meta["trainer"], asdict(self.config), TRAINER_RESUME_POLICY, self.allow_change,
+                                    what="loop settings (TrainerConfig)")
+        if meta.get("config") is not None or self.run_config is not None:
+            notes += check_resume_config(meta.get("config") or {}, self.run_config or {}, self.resume_policy,
+                                         self.allow_change)
+        self.resume_notes = notes
+        if self.is_main:
+            for note in notes:
+                print(f"[odecm] resume {path.name}: changed {note}", flush=True)
         self.load_checkpoint(path)
+        self.resumed_from = self._published_step = self.step
         return True
 
     # --- the loop ---------------------------------------------------------------------------
     def _clip(self) -> float:
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+        if self.accelerator is not None:  # unscales first under fp16
+            return float(self.accelerator.clip_grad_norm_(self.params, max_norm))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+    def _backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:
-            norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+            self.accelerator.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        return float(norm)
+            loss.backward()
+
+    def _scaled_step(self) -> bool:
+        """``scaler.step`` + ``scaler.update`` (accelerate's optimizer does both); False on overflow."""
+        if self.accelerator is not None:
+            self.optimizer.step()
+            return not self.accelerator.optimizer_step_was_skipped
+        before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return not self.scaler.get_scale() < before
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -302,86 +402,111 @@ class Trainer:
             terms = self.loss_fn(self.step, self.generator)
         loss = terms["loss"]
         record: dict[str, Any] = {"step": self.step + 1}
-        finite = bool(torch.isfinite(loss.detach()).all())
-        grad_norm = float("nan")
-        if finite:
-            if self.accelerator is not None:
-                self.accelerator.backward(loss)
-            else:
-                loss.backward()
+        grad_norm, outcome = float("nan"), "nonfinite"
+        if self._all_ranks(bool(torch.isfinite(loss.detach()).all())):
+            self._backward(loss)
             grad_norm = self._clip()
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
+            if self.scaler is not None:
+                outcome = "stepped" if self._scaled_step() else "overflow"
+            elif self._all_ranks(math.isfinite(grad_norm)):
+                self.optimizer.step()
+                outcome = "stepped"
+        if outcome == "stepped":
+            self._consecutive_overflows = 0
+            self._totals["optimizer_steps"] += 1
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             if self.target is not None:
                 self.target.update()
         else:
             self.optimizer.zero_grad(set_to_none=True)
+        if outcome == "overflow":
+            self._totals["overflow_skips"] += 1
+            self._consecutive_overflows += 1
+            record["skipped_overflow"] = True
+            if self._consecutive_overflows > self.config.max_consecutive_overflows:
+                outcome = "nonfinite"  # no loss scale helps: the gradient itself is not finite
+        if outcome == "nonfinite":
             self.nonfinite += 1
             record["skipped_nonfinite"] = True
+        else:
+            self._publish()  # the pending checkpoint's weights gave a finite loss and gradient
         self.step += 1
         record.update({k: _scalar(v) for k, v in terms.items() if _scalar(v) is not None})
         record.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
                       time_s=time.perf_counter() - t0, nonfinite_total=self.nonfinite)
+        if self.scaler is not None:
+            record["loss_scale"] = float(self.scaler.get_scale())
         return record
 
+    def _verify_final(self) -> bool:
+        """One loss evaluation without a step (RNG states restored): is it finite on every rank?"""
+        rng = rng_state(self.generator)
+        with torch.no_grad(), self.autocast():
+            loss = self.loss_fn(self.step, self.generator)["loss"]
+        ok = self._all_ranks(bool(torch.isfinite(loss.detach()).all()))
+        set_rng_state(rng, self.generator)
+        return ok
+
+    def _start(self, resume: str | Path | None) -> None:
+        """Clean up killed writes, resume or begin a fresh run (refused over another run's checkpoints)."""
+        if self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for p in ckpt.remove_orphans(self.checkpoint_dir):
+                print(f"[odecm] removed {p.name} (left by an interrupted checkpoint write)", flush=True)
+        self._barrier()
+        if self.resume(resume):
+            return
+        published = ckpt.list_checkpoints(self.checkpoint_dir)
+        if published or (self.checkpoint_dir / ckpt.LATEST).exists():
+            raise RunDirError(f"out_dir={str(self.out_dir)!r} already holds checkpoints {[p.name for _, p in published]}; "
+                              "pass resume='latest' to continue that run, or start in a new or empty out_dir")
+        self.run_id = self._broadcast_run_id(new_run_id())
+
     def run(self, resume: str | Path | None = None) -> list[dict[str, Any]]:
-        """Train until ``config.steps``; ``resume="latest"`` continues this run's last checkpoint."""
+        """Train until ``config.train_steps``; ``resume="latest"`` continues this run's last checkpoint."""
         from tqdm.auto import tqdm
 
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.resume(resume)
         cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main), desc="distill")
-        while self.step < cfg.steps:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._start(resume)
+        if self.step >= cfg.train_steps:
+            self.finished_before_start = True
+            if self.is_main:
+                print(f"[odecm] the run in {self.out_dir} is already finished (step {self.step} of train_steps="
+                      f"{cfg.train_steps}); nothing to do. Raise train_steps to continue it.", flush=True)
+            return self.history
+        self._totals["segments"] += 1
+        self._segment_start = time.perf_counter()
+        bar = tqdm(total=cfg.train_steps, initial=self.step, disable=not (cfg.progress and self.is_main), desc="distill")
+        while self.step < cfg.train_steps:
             record = self.train_step()
             self.history.append(record)
-            if self.is_main and (self.step % cfg.log_every == 0 or record.get("skipped_nonfinite")):
+            skipped = record.get("skipped_nonfinite") or record.get("skipped_overflow")
+            if self.is_main and (self.step % cfg.log_every == 0 or skipped):
                 with open(self.log_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=record.get("loss"), nfe=record.get("target_evals"))
             if self.nonfinite > cfg.max_nonfinite:
+                self._discard_pending()
                 last = latest_checkpoint(self.out_dir)
                 raise NonFiniteLossError(
                     f"{self.nonfinite} steps had a non-finite loss or gradient (max_nonfinite={cfg.max_nonfinite}); "
-                    f"stopped at step {self.step}. Last good checkpoint: {last if last else 'none saved yet'}"
-                )
-            # a skipped (non-finite) step is never checkpointed: the last checkpoint stays the last good one
+                    f"stopped at step {self.step}. Last good checkpoint: {last if last else 'none saved yet'}")
+            # a step skipped as non-finite is never checkpointed: its successor publishes the last good one
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not record.get("skipped_nonfinite"):
                 self.save_checkpoint()
         bar.close()
-        if latest_checkpoint(self.out_dir) is None or latest_checkpoint(self.out_dir).name != f"step_{self.step:07d}":
+        if self.step not in (self._pending_step, self._published_step):
             self.save_checkpoint()
+        if self._pending_step is not None:
+            if not self._verify_final():
+                self._discard_pending()
+                raise NonFiniteLossError(f"the weights after step {self.step} give a non-finite loss; not published. "
+                                         f"Last good checkpoint: {latest_checkpoint(self.out_dir)}")
+            self._publish()
+        if self._published_step != self.step:
+            raise NonFiniteLossError(f"the weights after step {self.step} are not finite; no final checkpoint. "
+                                     f"Last good checkpoint: {latest_checkpoint(self.out_dir)}")
         return self.history
-
-
-def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-4,
-                   betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0, eps: float = 1e-8,
-                   **_: Any) -> torch.optim.Optimizer:
-    """``adam``, ``adamw``, ``sgd`` (torch) or ``adamw8bit`` (bitsandbytes, when installed)."""
-    params = [p for p in params if p.requires_grad]
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb  # type: ignore
-        except ImportError as exc:
-            raise ImportError(
-                "optim.name='adamw8bit' needs bitsandbytes (pip install bitsandbytes, CUDA only); "
-                "use optim.name='adamw' otherwise"
-            ) from exc
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"optim.name={name!r}; allowed: 'adam', 'adamw', 'adamw8bit', 'sgd'")
-
-
-def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then constant (the paper: constant lr 1e-4)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0)

@@ -89,30 +89,45 @@ def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tm
     trainer, student = _make_trainer(tmp_path, 20, nan_after=4, checkpoint_every=2, max_nonfinite=3)
     with pytest.raises(NonFiniteLossError, match="non-finite.*Last good checkpoint"):
         trainer.run()
-    assert trainer.nonfinite == 4
+    assert trainer.nonfinite == 4 and trainer.step == 8
+    # step 4's weights never gave a finite loss (every loss from step 5 on is NaN): the last
+    # published checkpoint is step 2, and the unverified step-4 write is gone
     last = latest_checkpoint(tmp_path)
-    assert last is not None and last.name == "step_0000004"
+    assert last is not None and last.name == "step_0000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000002"]
     weights = load_file(str(last / "student.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
-    # skipped steps did not touch the weights: they still equal the step-4 checkpoint
-    assert torch.equal(weights["denoiser.a"], student.a.detach())
+    # skipped steps did not touch the weights: they still equal those after step 4, which differ from step 2's
+    reference, ref_student = _make_trainer(tmp_path / "ref", 4, checkpoint_every=0)
+    reference.run()
+    assert torch.equal(student.a.detach(), ref_student.a.detach())
+    assert not torch.equal(weights["denoiser.a"], student.a.detach())
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("skipped_nonfinite")] == [5, 6, 7, 8]
     fresh, _ = _make_trainer(tmp_path, 20)
     fresh.load_checkpoint(last)
-    assert fresh.step == 4
+    assert fresh.step == 2
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_write_is_atomic_and_leftovers_are_removed(tmp_path, monkeypatch):
     trainer, _ = _make_trainer(tmp_path, 2, checkpoint_every=2)
     trainer.run()
     good = latest_checkpoint(tmp_path)
     trainer.step = 3
-    import odecm.training as T
+    import odecm.checkpoint as C
 
     def boom(*a, **k):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(T.torch, "save", boom)
+    monkeypatch.setattr(C, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoint()
+        trainer.save_checkpoint(publish=True)
+    monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == good  # the pointer still names the last complete checkpoint
-    assert not (tmp_path / "checkpoints" / "step_0000003").exists()
+    leftovers = [p.name for p in (tmp_path / "checkpoints").glob(".tmp_*")]
+    assert leftovers and not (tmp_path / "checkpoints" / "step_0000003").exists()
+    # the next start removes the leftovers of the killed write, then continues from the good checkpoint
+    again, _ = _make_trainer(tmp_path, 4, checkpoint_every=2)
+    again.run(resume="latest")
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000002", "step_0000004"]
