@@ -1,4 +1,4 @@
-"""Consistency distillation (CD) and Direct CD as one loss with two target providers.
+"""Consistency distillation (CD), Direct CD and k-step CD as one loss with interchangeable target providers.
 
 Notation (paper, Vouitsis et al. 2024): grid ``t_0 < t_1 < ... < t_N``; a training pair is a data
 point ``x_0``, an index ``n`` in 1..N and ``x_{t_n} = alpha(t_n) x_0 + sigma(t_n) eps``.
