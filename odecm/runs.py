@@ -99,13 +99,13 @@ def resolve_resume(out_dir: str | Path, resume: str | Path) -> Path:
                                     "start a fresh run without resume")
         return path
     path = Path(resume)
-    read_meta(path)  # complete, odecm format, not the old pickle format
+    run_id = read_meta(path)["run_id"]  # complete, odecm format, not the old pickle format
     if path.resolve().parent != (out / CHECKPOINTS).resolve():
         raise CheckpointError(f"resume={str(resume)!r} is not a checkpoint of out_dir={str(out)!r} (expected a folder "
                               f"in {out / CHECKPOINTS}); a checkpoint continues its own run: resume in its run "
                               "folder, or copy the checkpoint into <out_dir>/checkpoints")
     step = checkpoint_step(path)
-    newer = [p.name for s, p in list_checkpoints(out / CHECKPOINTS) if step is not None and s > step]
+    newer = [p.name for s, p in list_checkpoints(out / CHECKPOINTS, run_id) if step is not None and s > step]
     if newer:
         raise CheckpointError(f"resume={str(resume)!r} is older than this run's checkpoints {newer}; resuming it "
                               "would rewrite them: delete them first, or resume='latest'")

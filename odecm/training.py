@@ -450,12 +450,14 @@ class Trainer:
 
     def _start(self, resume: str | Path | None) -> None:
         """Clean up killed writes, resume or begin a fresh run (refused over another run's checkpoints)."""
+        path = resolve_resume(self.out_dir, resume) if resume not in (None, "", False) else None
         if self.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             for p in ckpt.remove_orphans(self.checkpoint_dir):
                 print(f"[odecm] removed {p.name} (left by an interrupted checkpoint write)", flush=True)
         self._barrier()
-        if self.resume(resume):
+        if path is not None:
+            self.resume(resume)
             return
         published = ckpt.list_checkpoints(self.checkpoint_dir)
         if published or (self.checkpoint_dir / ckpt.LATEST).exists():
@@ -465,10 +467,7 @@ class Trainer:
 
     def run(self, resume: str | Path | None = None) -> list[dict[str, Any]]:
         """Train until ``config.train_steps``; ``resume="latest"`` continues this run's last checkpoint."""
-        from tqdm.auto import tqdm
-
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self._start(resume)
         if self.step >= cfg.train_steps:
             self.finished_before_start = True
@@ -478,6 +477,18 @@ class Trainer:
             return self.history
         self._totals["segments"] += 1
         self._segment_start = time.perf_counter()
+        try:
+            self._loop()
+            self._finish()
+        finally:  # freeze this segment's wall time into the totals
+            self._totals["wall_seconds"] = self.totals["wall_seconds"]
+            self._segment_start = None
+        return self.history
+
+    def _loop(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
         bar = tqdm(total=cfg.train_steps, initial=self.step, disable=not (cfg.progress and self.is_main), desc="distill")
         while self.step < cfg.train_steps:
             record = self.train_step()
@@ -498,6 +509,9 @@ class Trainer:
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not record.get("skipped_nonfinite"):
                 self.save_checkpoint()
         bar.close()
+
+    def _finish(self) -> None:
+        """Final checkpoint, published once one more loss evaluation with its weights is finite."""
         if self.step not in (self._pending_step, self._published_step):
             self.save_checkpoint()
         if self._pending_step is not None:
@@ -509,4 +523,3 @@ class Trainer:
         if self._published_step != self.step:
             raise NonFiniteLossError(f"the weights after step {self.step} are not finite; no final checkpoint. "
                                      f"Last good checkpoint: {latest_checkpoint(self.out_dir)}")
-        return self.history

@@ -82,7 +82,7 @@ def test_latest_always_names_a_complete_checkpoint_and_resume_never_restarts_sil
 def test_resume_latest_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(C.NoCheckpointError, match="nothing to resume"):
         _trainer(tmp_path / "new").run(resume="latest")
-    assert not (tmp_path / "new" / "log.jsonl").exists()
+    assert not (tmp_path / "new").exists()  # nothing was created
 
 
 def test_a_fresh_start_over_existing_checkpoints_is_refused(tmp_path):
@@ -169,6 +169,8 @@ def test_totals_describe_the_whole_run_across_resumes(tmp_path):
     assert (t2["steps"], t2["optimizer_steps"], t2["skipped_nonfinite"], t2["overflow_skips"], t2["segments"]) == (
         8, 6, 2, 0, 2)
     assert t2["wall_seconds"] > t1["wall_seconds"] > 0
+    assert first.totals["wall_seconds"] == t1["wall_seconds"]  # frozen once run() returns
+    assert second.run_id == first.run_id and len(first.run_id) == 32  # a resume continues the same run
     stored = C.read_meta(latest_checkpoint(tmp_path))["totals"]
     assert {k: v for k, v in stored.items() if k != "wall_seconds"} == {k: v for k, v in t2.items() if k != "wall_seconds"}
 

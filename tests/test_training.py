@@ -69,6 +69,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, ema):
     full.run()
     first, _ = _make_trainer(tmp_path / "split", 4, ema=ema)
     first.run()
+    # the pickle-free format: tensors in safetensors, everything else in state.json
+    files = {p.name for p in latest_checkpoint(tmp_path / "split").iterdir()}
+    assert files == {"COMPLETE", "state.json", "state.safetensors", "student.safetensors"} | (
+        {"target.safetensors"} if ema else set())
     # "kill": a fresh process object resumes from the latest checkpoint and continues to 8
     second, student_resumed = _make_trainer(tmp_path / "split", 8, ema=ema)
     # scramble its RNGs to prove they are restored from the checkpoint
