@@ -70,6 +70,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .checkpoint import latest_checkpoint, load_tensors_into, rng_state, save_tensors, set_rng_state
+from .distributed import all_ranks, barrier, broadcast_hex, is_main_process
 from .optim import check_optimizer, constant_with_warmup, make_optimizer
 from .runs import ResumePolicy, RunDirError, check_resume_config, grows, new_run_id, resolve_resume
 from .target import EMATarget
@@ -137,12 +138,6 @@ def _scalar(v: Any) -> Any:
     return None
 
 
-def _dist() -> Any:
-    """``torch.distributed`` when a process group of more than one rank is running, else None."""
-    d = torch.distributed
-    return d if d.is_available() and d.is_initialized() and d.get_world_size() > 1 else None
-
-
 class Trainer:
     """Generic loop. ``loss_fn(step, generator) -> dict`` with a scalar tensor ``"loss"``; every other
     scalar entry (float, int, 1-element tensor) is logged. ``student_state`` selects what the
@@ -203,16 +198,7 @@ class Trainer:
     # --- processes -------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
-        if self.accelerator is not None:
-            return self.accelerator.is_main_process
-        d = _dist()
-        return d is None or d.get_rank() == 0
-
-    def _barrier(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-        elif _dist() is not None:
-            _dist().barrier()
+        return is_main_process(self.accelerator)
 
     def _device(self) -> torch.device:
         """Where collective tensors live (NCCL needs them on the GPU)."""
@@ -220,22 +206,11 @@ class Trainer:
             return self.accelerator.device
         return self.params[0].device if self.params else torch.device("cpu")
 
-    def _all_ranks(self, ok: bool) -> bool:
-        """True iff ``ok`` holds on every process (one all-reduce of a flag under torch.distributed)."""
-        d = _dist()
-        if d is None:
-            return ok
-        bad = torch.tensor([0.0 if ok else 1.0], device=self._device())
-        d.all_reduce(bad, op=d.ReduceOp.SUM)
-        return float(bad) == 0.0
+    def _barrier(self) -> None:
+        barrier(self.accelerator)
 
-    def _broadcast_run_id(self, run_id: str) -> str:
-        d = _dist()
-        if d is None:
-            return run_id
-        buf = torch.tensor(list(bytes.fromhex(run_id)), dtype=torch.uint8, device=self._device())
-        d.broadcast(buf, src=0)
-        return bytes(buf.cpu().tolist()).hex()
+    def _all_ranks(self, ok: bool) -> bool:
+        return all_ranks(ok, self._device())
 
     def _unwrapped(self) -> nn.Module:
         if self.accelerator is not None:
@@ -463,7 +438,7 @@ class Trainer:
         if published or (self.checkpoint_dir / ckpt.LATEST).exists():
             raise RunDirError(f"out_dir={str(self.out_dir)!r} already holds checkpoints {[p.name for _, p in published]}; "
                               "pass resume='latest' to continue that run, or start in a new or empty out_dir")
-        self.run_id = self._broadcast_run_id(new_run_id())
+        self.run_id = broadcast_hex(new_run_id(), self._device())
 
     def run(self, resume: str | Path | None = None) -> list[dict[str, Any]]:
         """Train until ``config.train_steps``; ``resume="latest"`` continues this run's last checkpoint."""
