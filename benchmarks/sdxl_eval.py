@@ -40,7 +40,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--aesthetic", default=None, help="aesthetic head .pth (default: random head)")
     ap.add_argument("--model", default="tiny", help="SDXL hub id / folder for reference generation (default: tiny)")
     ap.add_argument("--resolution", type=int, default=None, help="reference resolution (default 32 tiny, 1024 real)")
-    ap.add_argument("--num-steps", type=int, default=10, help="N of the timed reference (paper: 100)")
+    ap.add_argument("--grid-size", type=int, default=10, help="N of the timed reference's skip grid (paper: 100)")
+    ap.add_argument("--solver", default="ddim", help="reference solver (paper: ddim, euler_vp, heun_vp)")
+    ap.add_argument("--fd-protocol", default="paper", choices=["paper", "tf1"], help="FID Inception input protocol")
     ap.add_argument("--skip-inception", action="store_true")
     ap.add_argument("--out", default="results/benchmarks/sdxl_eval")
     args = ap.parse_args(argv)
@@ -50,8 +52,8 @@ def main(argv=None) -> dict:
     images = torch.rand(args.n, 3, args.image_size, args.image_size)
     rows: dict[str, dict] = {}
     if not args.skip_inception:
-        inc = feat.InceptionFID(device=device)
-        rows["inception (real weights)"] = {"images_per_s": _rate(lambda: inc.embed(images), args.n)}
+        inc = feat.InceptionFID(device=device, protocol=feat.FD_PROTOCOLS[args.fd_protocol].inception)
+        rows[f"inception (real weights, {args.fd_protocol} protocol)"] = {"images_per_s": _rate(lambda: inc.embed(images), args.n)}
     dino = feat.DinoV2(args.dino or str(feat.build_tiny_dinov2(tmp / "dino")), device=device)
     rows[f"dinov2 ({'real' if args.dino else 'tiny random'})"] = {"images_per_s": _rate(lambda: dino.embed(images), args.n)}
     clip = feat.CLIPEmbedder(args.clip or str(feat.build_tiny_clip(tmp / "clip")), device=device)
@@ -82,7 +84,8 @@ def main(argv=None) -> dict:
 
     def config(cache: str) -> ReferenceConfig:
         return ReferenceConfig(model={"pretrained": model, "dtype": "fp32" if device.type == "cpu" else "bf16"},
-                               num_steps=args.num_steps, captions=str(caps_file), resolution=res, batch_size=args.n,
+                               grid_size=args.grid_size, solver=args.solver, captions=str(caps_file), resolution=res,
+                               batch_size=args.n,
                                shard_size=args.n, cache_dir=cache, progress=False, device=str(device))
 
     t = time.perf_counter()
@@ -92,7 +95,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     _, stats = run_reference(config(str(tmp / "ref_timed")), loader=lambda: bundle)
     dt = time.perf_counter() - t
-    rows[f"reference {args.model} N={args.num_steps} {res}px (encode + solve + decode + PNG)"] = {
+    rows[f"reference {args.model} {args.solver} N={args.grid_size} {res}px (encode + solve + decode + PNG)"] = {
         "images_per_s": args.n / dt, "teacher_calls": stats["teacher_calls"], "load_seconds": load_s}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,30 +1,33 @@
 """Teacher reference solutions for SDXL evaluation: ``python -m sdxl.reference --config F --set k=v``.
 
 For every caption ``i`` the teacher's PF-ODE is solved from stored shared noise ``x_T^(i)`` down the
-N-step skip grid (``odecm.grids.skip``; N = 100: timesteps 999, 989, ..., 9 -> 0 in diffusers
-indexing) with DDIM, Euler or Heun (``odecm.solvers.solve``), the teacher being CFG around the
-frozen SDXL UNet (paper: ``w = 9``, Imagen convention ``eps_u + w (eps_c - eps_u)``, zeroed
-unconditional embeddings). The result is ``f_solver(x_T, T, 0)`` of the paper's eq. 6: the latent at
-``grid[0]`` (timestep 0; no extra denoising step), decoded by the VAE for image metrics.
+N-step skip grid (``odecm.grids.skip``) with DDIM, Euler or Heun (``odecm.solvers.solve``; the paper's
+solvers are ``ddim``, ``euler_vp``, ``heun_vp``), the teacher being CFG around the frozen SDXL UNet
+(paper: ``w = 9``, Imagen convention ``eps_u + w (eps_c - eps_u)``, zeroed unconditional embeddings).
+The result is ``f_solver(x_T, T, 0)`` of the paper's eq. 6: the latent at ``grid[0]``, decoded by the
+VAE for image metrics. Indexing (``model.timestep_offset``, default 1 = the paper's): N = 100 runs
+1000, 990, ..., 10 -> 0 and t = 0 is clean data; with 0 (diffusers) 999, 989, ..., 9 -> 0, where t = 0 is
+``alphas_cumprod[0]`` (sigma ~ 0.03), not clean data.
 
 Shared initial noise: ``x_T^(i) ~ N(0, I)`` drawn with its own generator seeded from
 ``(noise_seed, i)``, so it does not depend on batch size, sharding or the number of captions. It is
 stored once in ``<cache_dir>/noise/`` and reused by every reference (all solvers) and by
-``sdxl.sample`` (every student) — the same ``x_T`` for each caption everywhere.
+``sdxl.sample`` (every student): the same ``x_T`` for each caption everywhere.
 
-Cache and resume. The output folder ``<cache_dir>/reference/<solver>-N<N>-w<w>-<key hash>`` is
-keyed by (model, dtype, timestep indexing, solver, N, w, CFG convention, uncond, caption-file
-hash, number of captions, noise seed, resolution). Captions are processed in shards of
-``shard_size``; a shard is finished when ``shards/<j>.safetensors`` (latents + caption indices,
-written atomically after the shard's PNGs) exists. A rerun skips finished shards and loads no model
-at all when every shard is done; a killed run resumes at the first unfinished shard. Under
-``accelerate launch`` shard ``j`` belongs to process ``j mod world_size``.
+Cache and resume. The output folder ``<cache_dir>/reference/<solver>-N<N>-w<w>-<key hash>`` (or
+``out_dir``) is keyed by (model and VAE weights by content, dtype, timestep indexing, solver, N, w, CFG
+convention, uncond, caption-file hash, number of captions, noise seed, resolution). A shard file
+``shards/<first>-<last>.safetensors`` (latents + caption indices, written atomically after the shard's
+PNGs) marks its captions done. Completeness is tracked **per caption index**: a rerun reads the indices
+of every shard present, computes only the missing captions (whatever ``shard_size`` the earlier run
+used), loads no model when none is missing, and refuses a cache in which a caption appears twice.
+Under ``accelerate launch`` shard ``j`` of the plan belongs to process ``j mod world_size``.
 
 Layout::
 
-    manifest.json          key fields, captions file, noise file, latent shape, complete flag
+    manifest.json          key, captions file, noise file, latent shape, complete flag
     captions.json          the captions in order
-    shards/00000.safetensors  {"latents": (n, C, h, w) float32, "indices": (n,) int64}
+    shards/00000-00063.safetensors  {"latents": (n, C, h, w) float32, "indices": (n,) int64}
     images/00000.png ...   decoded teacher samples (one per caption)
 """
 from __future__ import annotations
@@ -37,13 +40,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .eval_config import ReferenceConfig, cli_config, resolve_model
+from .eval_config import (ReferenceConfig, check_model_source, check_path, cli_config, input_error, key_differences,
+                          resolve_model)
 
 Tensor = torch.Tensor
 
 __all__ = ["read_captions", "file_sha256", "shared_noise", "noise_path", "reference_key", "reference_folder",
-           "write_latent_shard", "read_latents", "shard_done", "run_reference", "latent_geometry",
-           "latents_to_images", "SDXLBundle", "load_bundle"]
+           "write_latent_shard", "shard_path", "shard_files", "done_indices", "plan_shards", "read_latents",
+           "missing_indices", "check_reference_inputs", "run_reference", "latent_geometry", "latents_to_images",
+           "SDXLBundle", "load_bundle", "folder_key_check"]
+
+CAPTION_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
 # ------------------------------------------------------------------------------------------- captions
@@ -67,7 +74,7 @@ def read_captions(path: str | Path, limit: int | None = None) -> list[str]:
             else:
                 raise ValueError(f"{path}: records need a 'caption' or 'text' field, got {r!r}")
     else:
-        raise ValueError(f"caption file {path}: allowed suffixes .txt, .jsonl, .json")
+        raise ValueError(f"caption file {path}: allowed suffixes {', '.join(CAPTION_SUFFIXES)}")
     return caps[:limit] if limit is not None else caps
 
 
@@ -93,7 +100,7 @@ def shared_noise(cache_dir: str | Path, seed: int, n: int, shape: Sequence[int])
     stored in ``<cache_dir>/noise`` and loaded from there afterwards."""
     from safetensors.torch import load_file, save_file
 
-    from .features import _state
+    from .features_cache import _state
 
     path = noise_path(cache_dir, seed, n, shape)
     state = _state()
@@ -109,6 +116,11 @@ def shared_noise(cache_dir: str | Path, seed: int, n: int, shape: Sequence[int])
 
 
 # ------------------------------------------------------------------------------------------- shards
+def shard_path(folder: str | Path, indices: Sequence[int]) -> Path:
+    """``<folder>/shards/<first>-<last>.safetensors`` (unique: a new shard always starts at a caption not yet done)."""
+    return Path(folder) / "shards" / f"{min(indices):05d}-{max(indices):05d}.safetensors"
+
+
 def write_latent_shard(path: str | Path, latents: Tensor, indices: Sequence[int]) -> None:
     """Atomically write ``{"latents", "indices"}`` (the shard's completion marker)."""
     from safetensors.torch import save_file
@@ -121,32 +133,86 @@ def write_latent_shard(path: str | Path, latents: Tensor, indices: Sequence[int]
     os.replace(tmp, path)
 
 
-def read_latents(folder: str | Path) -> tuple[Tensor, Tensor]:
-    """All shards of ``folder/shards`` -> ``(indices, latents)`` sorted by caption index."""
-    from safetensors.torch import load_file
+def shard_files(folder: str | Path) -> list[Path]:
+    return sorted((Path(folder) / "shards").glob("*.safetensors"))
 
-    files = sorted((Path(folder) / "shards").glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no latent shards in {Path(folder) / 'shards'}")
-    parts = [load_file(str(f)) for f in files]
-    idx = torch.cat([p["indices"] for p in parts])
-    lat = torch.cat([p["latents"] for p in parts])
-    order = torch.argsort(idx)
-    return idx[order], lat[order]
+
+def _shard_indices(path: Path) -> list[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return fh.get_tensor("indices").tolist()
 
 
 def image_path(folder: str | Path, i: int) -> Path:
     return Path(folder) / "images" / f"{i:05d}.png"
 
 
-def shard_done(folder: str | Path, j: int, indices: Sequence[int], decode: bool) -> bool:
-    if not (Path(folder) / "shards" / f"{j:05d}.safetensors").is_file():
-        return False
-    return not decode or all(image_path(folder, i).is_file() for i in indices)
+def done_indices(folder: str | Path, decode: bool = True, drop_incomplete: bool = False) -> set[int]:
+    """Caption indices with a finished latent (and, with ``decode``, its PNG) in ``folder/shards``.
+
+    A caption held by two shard files is an error (a corrupt cache). With ``drop_incomplete`` a shard
+    whose PNGs are not all present is deleted (its captions are then recomputed)."""
+    seen: dict[int, Path] = {}
+    for f in shard_files(folder):
+        idx = _shard_indices(f)
+        if decode and not all(image_path(folder, i).is_file() for i in idx):
+            if drop_incomplete:
+                f.unlink()
+            continue
+        for i in idx:
+            if i in seen:
+                raise ValueError(f"{folder}: caption {i} is in two shards ({seen[i].name}, {f.name}); the folder is "
+                                 f"corrupt: delete it and rerun")
+            seen[i] = f
+    return set(seen)
 
 
-def shards_of(n: int, shard_size: int) -> list[list[int]]:
-    return [list(range(s, min(n, s + shard_size))) for s in range(0, n, shard_size)]
+def _ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, idx = [], sorted(indices)
+    start = prev = None
+    for i in idx + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(out)
+
+
+def missing_indices(folder: str | Path, n: int, decode: bool = True) -> list[int]:
+    return sorted(set(range(n)) - done_indices(folder, decode))
+
+
+def plan_shards(n: int, shard_size: int, done: set[int]) -> list[list[int]]:
+    """The captions not in ``done``, in cells ``[s, s + shard_size)`` of the shard grid (empty cells dropped)."""
+    cells = [[i for i in range(s, min(n, s + shard_size)) if i not in done] for s in range(0, n, shard_size)]
+    return [c for c in cells if c]
+
+
+def read_latents(folder: str | Path, n: int | None = None) -> tuple[Tensor, Tensor]:
+    """All shards of ``folder/shards`` -> ``(indices, latents)`` sorted by caption index. A caption present
+    twice is an error; with ``n``, so is any caption of ``0..n-1`` that is missing."""
+    from safetensors.torch import load_file
+
+    files = shard_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no latent shards in {Path(folder) / 'shards'}")
+    parts = [load_file(str(f)) for f in files]
+    idx = torch.cat([p["indices"] for p in parts])
+    lat = torch.cat([p["latents"] for p in parts])
+    order = torch.argsort(idx)
+    idx, lat = idx[order], lat[order]
+    if len(idx) > 1 and bool((idx[1:] == idx[:-1]).any()):
+        dup = sorted(set(idx[1:][idx[1:] == idx[:-1]].tolist()))
+        raise ValueError(f"{folder}: captions {_ranges(dup)} are in two shards; the folder is corrupt")
+    if n is not None and idx.tolist() != list(range(n)):
+        miss = sorted(set(range(n)) - set(idx.tolist()))
+        raise ValueError(f"{folder}: incomplete, captions {_ranges(miss)} of 0-{n - 1} are missing; rerun the command "
+                         f"that wrote it (it resumes)")
+    return idx, lat
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -192,12 +258,13 @@ def latents_to_images(vae, latents: Tensor) -> Tensor:
     return (decode_latents(vae, latents) + 1) / 2
 
 
-# ------------------------------------------------------------------------------------------- run
+# ------------------------------------------------------------------------------------------- key + door
 def reference_key(cfg: ReferenceConfig, model_id: str, captions_hash: str, n: int) -> dict:
-    from .features import _weights_id
+    """The inputs a reference depends on; model and VAE weights by content (``weights_fingerprint``)."""
+    from .features_cache import weights_fingerprint
 
     return {
-        "model": _weights_id(model_id), "vae": cfg.model.vae, "dtype": cfg.model.dtype,
+        "model": weights_fingerprint(model_id), "vae": weights_fingerprint(cfg.model.vae), "dtype": cfg.model.dtype,
         "timestep_offset": cfg.model.timestep_offset, "solver": cfg.solver, "grid_size": cfg.grid_size,
         "grid": "skip", "guidance_scale": cfg.guidance_scale, "cfg_convention": cfg.cfg_convention,
         "uncond": cfg.uncond, "captions_sha256": captions_hash, "num_captions": n, "noise_seed": cfg.noise_seed,
@@ -206,53 +273,114 @@ def reference_key(cfg: ReferenceConfig, model_id: str, captions_hash: str, n: in
 
 
 def reference_folder(cfg: ReferenceConfig) -> tuple[Path, dict]:
+    """``(folder, key)``: ``out_dir`` if given, else ``<cache_dir>/reference/<solver>-N<N>-w<w>-<key hash>``."""
     model_id = resolve_model(cfg.model, cfg.cache_dir)
     n = len(read_captions(cfg.captions, cfg.num_captions))
     key = reference_key(cfg, model_id, file_sha256(cfg.captions), n)
+    if cfg.out_dir:
+        return Path(cfg.out_dir), key
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = f"{cfg.solver}-N{cfg.grid_size}-w{cfg.guidance_scale:g}-{digest}"
     return Path(cfg.cache_dir) / "reference" / name, key
 
 
+def folder_key_check(key_name: str, folder: Path, kind: str, key: dict) -> None:
+    """Refuse ``folder`` when its ``manifest.json`` holds a ``kind`` written from other inputs (``key``)."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise input_error(f"{key_name}={folder}: exists and is not a {kind} folder (no manifest.json); "
+                              f"allowed: a new folder or one this command wrote")
+        return
+    man = json.loads(manifest.read_text())
+    if man.get("kind") != kind or "key" not in man:
+        raise input_error(f"{key_name}={folder}: holds a {man.get('kind', 'unknown')!r} folder without a {kind} key; "
+                          f"allowed: a new folder or one this command wrote")
+    diff = key_differences(man["key"], key)
+    if diff:
+        raise input_error(f"{key_name}={folder}: holds a {kind} of other inputs ({'; '.join(diff)}); "
+                          f"allowed: the same inputs, another {key_name}, or delete the folder")
+
+
+def check_reference_inputs(cfg: ReferenceConfig) -> None:
+    """Every check that needs no model: caption file, model / VAE sources, and an ``out_dir`` of other inputs."""
+    suffixes = CAPTION_SUFFIXES
+    check_path("captions", cfg.captions, "file", "a caption file (.txt, .jsonl or .json)")
+    if Path(cfg.captions).suffix not in suffixes:
+        raise input_error(f"captions={cfg.captions}: allowed suffixes {', '.join(suffixes)}")
+    try:
+        caps = read_captions(cfg.captions)
+    except (ValueError, json.JSONDecodeError) as err:
+        raise input_error(f"captions={cfg.captions}: {err}") from None
+    if not caps:
+        raise input_error(f"captions={cfg.captions}: no captions in the file; allowed: a file with at least one")
+    if cfg.num_captions is not None and cfg.num_captions > len(caps):
+        raise input_error(f"num_captions={cfg.num_captions}: the caption file holds only {len(caps)}; "
+                          f"allowed: 1..{len(caps)} or null (all)")
+    check_model_source("model.pretrained", cfg.model.pretrained)
+    check_model_source("model.vae", cfg.model.vae)
+    if cfg.out_dir:
+        folder, key = reference_folder(cfg)
+        folder_key_check("out_dir", folder, "teacher_reference", key)
+
+
+# ------------------------------------------------------------------------------------------- run
 def _device(name: str | None):
-    from .features import _state
+    from .features_cache import _state
 
     return torch.device(name) if name else _state().device
 
 
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+
+
 def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None = None) -> tuple[Path, dict]:
     """Compute (or reuse) the teacher reference; returns ``(folder, stats)`` with
-    ``stats = {"teacher_calls", "teacher_evals", "shards_computed", "shards_skipped"}``."""
+    ``stats = {"teacher_calls", "teacher_evals", "shards_computed", "captions_computed", "captions_skipped"}``."""
     from tqdm.auto import tqdm
 
     from odecm.denoisers import NFECounter
     from odecm.grids import skip
     from odecm.solvers import get_solver, solve
 
-    from .features import _state, save_images
+    from .features_cache import _state, save_images
     from .teacher import make_teacher
 
+    check_reference_inputs(cfg)
     state = _state()
     folder, key = reference_folder(cfg)
     captions = read_captions(cfg.captions, cfg.num_captions)
-    shards = shards_of(len(captions), cfg.shard_size)
-    todo = [j for j, idx in enumerate(shards) if not shard_done(folder, j, idx, cfg.decode)]
-    stats = {"teacher_calls": 0, "teacher_evals": 0, "shards_computed": [], "shards_skipped": len(shards) - len(todo)}
+    n = len(captions)
+    if state.is_main_process and folder.is_dir():
+        done_indices(folder, cfg.decode, drop_incomplete=True)
+    state.wait_for_everyone()
+    done = done_indices(folder, cfg.decode) if folder.is_dir() else set()
+    state.wait_for_everyone()  # every process plans from the same files before any writes more
+    plan = plan_shards(n, cfg.shard_size, done)
+    stats = {"teacher_calls": 0, "teacher_evals": 0, "shards_computed": [], "captions_computed": 0,
+             "captions_skipped": len(done & set(range(n)))}
     manifest_path = folder / "manifest.json"
-    if not todo and manifest_path.is_file():
+    if not plan and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if state.is_main_process and not manifest.get("complete"):
+            manifest["complete"] = True
+            _write_manifest(manifest_path, manifest)
         return folder, stats
 
     device = _device(cfg.device)
     bundle = loader() if loader is not None else load_bundle(cfg.model, cfg.cache_dir, device)
     shape = latent_geometry(bundle.parts.unet.config, bundle.parts.vae.config, cfg.resolution)
-    noise, npath = shared_noise(cfg.cache_dir, cfg.noise_seed, len(captions), shape)
+    noise, npath = shared_noise(cfg.cache_dir, cfg.noise_seed, n, shape)
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "captions.json").write_text(json.dumps(captions, indent=0, ensure_ascii=False))
         manifest = {"kind": "teacher_reference", "key": key, "captions_file": str(cfg.captions),
-                    "noise_file": str(npath), "latent_shape": list(shape), "num_shards": len(shards),
+                    "noise_file": str(npath), "latent_shape": list(shape), "num_captions": n,
                     "config": cfg.model_dump(mode="json"), "complete": False}
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        _write_manifest(manifest_path, manifest)
     state.wait_for_everyone()
 
     teacher = NFECounter(make_teacher(bundle.parts.unet, bundle.schedule, cfg.guidance_scale, cfg.cfg_convention,
@@ -260,9 +388,9 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
                                       prediction_type=bundle.prediction_type))
     grid = skip(bundle.schedule, cfg.grid_size)
     solver = get_solver(cfg.solver)
-    mine = [j for j in todo if j % state.num_processes == state.process_index]
+    mine = [j for j in range(len(plan)) if j % state.num_processes == state.process_index]
     for j in tqdm(mine, desc=f"reference {cfg.solver} N={cfg.grid_size}", disable=not cfg.progress):
-        idx = shards[j]
+        idx = plan[j]
         outs = []
         for b in range(0, len(idx), cfg.batch_size):
             bi = idx[b:b + cfg.batch_size]
@@ -274,14 +402,15 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
             if cfg.decode:
                 save_images(latents_to_images(bundle.parts.vae, lat), [image_path(folder, i) for i in bi])
             outs.append(lat.cpu())
-        write_latent_shard(folder / "shards" / f"{j:05d}.safetensors", torch.cat(outs), idx)
-        stats["shards_computed"].append(j)
+        write_latent_shard(shard_path(folder, idx), torch.cat(outs), idx)
+        stats["shards_computed"].append(shard_path(folder, idx).stem)
+        stats["captions_computed"] += len(idx)
     stats["teacher_calls"], stats["teacher_evals"] = teacher.calls, teacher.evals
     state.wait_for_everyone()
     if state.is_main_process:
         manifest = json.loads(manifest_path.read_text())
-        manifest["complete"] = all(shard_done(folder, j, idx, cfg.decode) for j, idx in enumerate(shards))
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        manifest["complete"] = not missing_indices(folder, n, cfg.decode)
+        _write_manifest(manifest_path, manifest)
     return folder, stats
 
 

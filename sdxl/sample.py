@@ -4,37 +4,51 @@ k-step consistency sampling (LCM's multistep sampler with re-noising), from the 
 initial noise** ``x_T^(i)`` as the teacher reference (read from the reference folder's manifest):
 
     x <- x_T
-    for j, t_j in enumerate(timesteps):            # k=1: [999]; 2: [999, 499]; 4: [999, 749, 499, 249]
+    for j, t_j in enumerate(timesteps):            # paper indexing: k=1 [1000]; 2 [1000, 500]; 4 [1000, 750, 500, 250]
         x0 <- f_theta(x, t_j, cond)                  # student consistency function (LCM boundary)
         if j < k - 1: x <- alpha(t_{j+1}) x0 + sigma(t_{j+1}) z_j,   z_j ~ N(0, I)
     sample = x0
 
-Timesteps are in diffusers indexing (+1 with ``model.timestep_offset=1``). The re-noising draws
-``z_j`` come from a generator seeded by ``(renoise_seed, caption index)``, so samples do not depend
-on batch size or sharding. With k = 1 the sample is ``f_theta(x_T, T)``, the student side of the
-paper's ODE error (eq. 6). The student is not guidance-conditioned (paper); CFG is distilled in.
+Indexing. Each student is sampled in its own timestep indexing, read from its training run's
+``config.json`` (next to the LoRA / student folder or up to two folders above): ``model.timestep_offset``
+1 (paper) gives the timesteps above, 0 (diffusers) gives [999], [999, 499], [999, 749, 499, 249]. The
+student's, the reference's and the request's (``model.timestep_offset``) indexing must agree; a mismatch
+is an error naming all three. A student without a run config needs ``model.timestep_offset`` given.
+The run config also supplies the labels (``distill.method`` / ``distill.solver``), the LCM boundary
+(``student.sigma_data`` / ``student.timestep_scaling``), and the teacher settings the reference must
+match (solver, N, w, CFG convention, uncond; ``allow_reference_mismatch=true`` accepts a mismatch).
 
-Layout of ``out_dir``::
+The re-noising draws ``z_j`` come from a generator seeded by ``(renoise_seed, caption index)``, so
+samples do not depend on batch size or sharding. With k = 1 the sample is ``f_theta(x_T, T)``, the
+student side of the paper's ODE error (eq. 6). The student is not guidance-conditioned (paper); CFG is
+distilled in. The model (teacher weights, VAE, dtype) defaults to the reference's.
 
-    manifest.json        reference folder, weights, labels (method, solver), steps, timesteps
+Layout of ``out_dir`` (keyed like the reference: a folder written from other inputs, e.g. other
+weights, is refused, naming what differs)::
+
+    manifest.json        key (weights content hash, kind, labels, indexing, reference), steps, timesteps
     k1/shards/*.safetensors, k1/images/00000.png ...   (same layout as sdxl.reference)
     k2/...  k4/...
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .eval_config import SampleConfig, cli_config, resolve_model, student_timesteps
-from .reference import (SDXLBundle, _caption_seed, _device, image_path, latents_to_images, shard_done, shards_of,
-                        write_latent_shard)
+from .eval_config import (EvalModelConfig, SampleConfig, check_model_source, check_path, cli_config, input_error,
+                          resolve_model, student_timesteps)
+from .reference import (SDXLBundle, _caption_seed, _device, _write_manifest, done_indices, folder_key_check,
+                        image_path, latents_to_images, missing_indices, plan_shards, shard_path, write_latent_shard)
 
 Tensor = torch.Tensor
 
-__all__ = ["multistep_sample", "load_student_bundle", "find_run_labels", "run_sample"]
+__all__ = ["multistep_sample", "load_student_bundle", "find_run_config", "find_run_labels", "resolve_indexing",
+           "SamplePlan", "plan_sample", "run_sample"]
 
 
 def multistep_sample(student: Callable[[Tensor, Tensor, Any], Tensor], schedule, x_T: Tensor, timesteps: list[int],
@@ -53,94 +67,225 @@ def multistep_sample(student: Callable[[Tensor, Tensor, Any], Tensor], schedule,
     return x0
 
 
-def load_student_bundle(cfg: SampleConfig, cache_dir: str | Path, device: torch.device):
-    """Load text encoders, VAE and UNet once; put the student's weights on it.
-
-    LoRA: ``unet.load_lora_adapter(weights)`` (diffusers' API; the teacher = adapters disabled);
-    full: the student's ``unet/`` folder. ``weights=None`` uses the teacher's UNet as the student
-    (only useful for smoke runs)."""
-    from .student import SDXLStudent
-    from .teacher import load_sdxl, resolve_dtype
-
-    parts = load_sdxl(resolve_model(cfg.model, cache_dir), vae=cfg.model.vae, dtype=cfg.model.dtype,
-                      vae_dtype=cfg.model.vae_dtype, device=device)
-    bundle = SDXLBundle(parts, cfg.model.timestep_offset, device)
-    if cfg.kind == "lora":
-        if cfg.weights is not None:
-            p = Path(cfg.weights)
-            folder, name = (p.parent, p.name) if p.is_file() else (p, "pytorch_lora_weights.safetensors")
-            parts.unet.load_lora_adapter(str(folder), weight_name=name, prefix="unet", adapter_name="default")
-        student = SDXLStudent(parts.unet, bundle.schedule, "lora", prediction_type=bundle.prediction_type)
-    else:
-        from diffusers import UNet2DConditionModel
-
-        if cfg.weights is None:
-            raise ValueError("kind='full' needs weights=<folder with unet/>")
-        unet = UNet2DConditionModel.from_pretrained(Path(cfg.weights) / "unet", torch_dtype=resolve_dtype(cfg.model.dtype))
-        unet = unet.to(device).requires_grad_(False).eval()
-        student = SDXLStudent(unet, bundle.schedule, "full", teacher_unet=parts.unet,
-                              prediction_type=bundle.prediction_type,
-                              w_embedding_dim=unet.config.get("time_cond_proj_dim"))
-    return bundle, student.eval()
-
-
-def find_run_labels(weights: str | None) -> dict:
-    """``method`` / ``solver`` from a training run's resolved config (``config.json`` / ``config.yaml``
-    in the weights folder or up to two parents), if there is one."""
+# ------------------------------------------------------------------------------------------- run config
+def find_run_config(weights: str | None) -> tuple[Path | None, dict]:
+    """A training run's resolved config (``config.json`` / ``config.yaml`` / ``resolved_config.json`` with a
+    ``distill`` section) in the weights folder or up to two folders above; ``(None, {})`` if there is none."""
     if weights is None:
-        return {}
+        return None, {}
     import yaml
 
     p = Path(weights)
-    for folder in [p if p.is_dir() else p.parent, *list((p if p.is_dir() else p.parent).parents)[:2]]:
+    start = p if p.is_dir() else p.parent
+    for folder in [start, *list(start.parents)[:2]]:
         for name in ("config.json", "config.yaml", "resolved_config.json"):
             f = folder / name
             if f.is_file():
                 try:
                     data = json.loads(f.read_text()) if f.suffix == ".json" else yaml.safe_load(f.read_text())
-                    d = data.get("distill", {})
-                    if "method" in d:
-                        return {"method": d["method"], "solver": d.get("solver")}
-                except Exception:  # not a run config
+                except (json.JSONDecodeError, yaml.YAMLError):
                     continue
-    return {}
+                if isinstance(data, dict) and isinstance(data.get("distill"), dict) and "method" in data["distill"]:
+                    return f, data
+    return None, {}
 
 
+def find_run_labels(weights: str | None) -> dict:
+    """``method`` / ``solver`` from a training run's resolved config, if there is one."""
+    _, data = find_run_config(weights)
+    d = data.get("distill", {})
+    return {"method": d["method"], "solver": d.get("solver")} if "method" in d else {}
+
+
+def resolve_indexing(request: int | None, reference: int, student: int | None, student_source: str | None,
+                     reference_source: str, weights: str | None) -> int:
+    """The one timestep indexing of student, reference and request (module docstring), or an ``InputError``
+    naming all three values."""
+    given = [v for v in (request, reference, student) if v is not None]
+    if len(set(given)) > 1:
+        show = lambda v: "unset" if v is None else str(v)  # noqa: E731
+        raise input_error(
+            f"model.timestep_offset: the student, the reference and the request disagree on the timestep indexing: "
+            f"student={show(student)} ({student_source or 'no run config'}), reference={reference} ({reference_source}), "
+            f"request={show(request)}; allowed: one value for all three (0 = diffusers, 1 = paper); evaluate a "
+            f"student against a reference made in its own indexing")
+    if student is None and weights is not None and request is None:
+        raise input_error(
+            f"model.timestep_offset: unknown for weights={weights} (no training-run config.json with "
+            f"model.timestep_offset next to it); allowed: pass model.timestep_offset=0 (diffusers) or 1 (paper), "
+            f"the indexing the student was trained in")
+    return reference
+
+
+# ------------------------------------------------------------------------------------------- plan (door)
+@dataclass
+class SamplePlan:
+    """Everything ``run_sample`` needs, resolved and checked before any model loads."""
+
+    reference: Path
+    ref_manifest: dict
+    captions: list[str]
+    model: EvalModelConfig
+    cache_dir: str
+    offset: int
+    labels: dict
+    key: dict
+    run_config: dict = field(default_factory=dict)
+
+    @property
+    def boundary(self) -> tuple[float, float]:
+        s = self.run_config.get("student", {})
+        return float(s.get("sigma_data", 0.5)), float(s.get("timestep_scaling", 10.0))
+
+
+def _same_weights(key: str, given: str | None, ref_value: str | None, cache_dir: str) -> None:
+    """``given`` (a model / VAE source) must be the reference's by content."""
+    from .features_cache import weights_fingerprint
+
+    if given is None:
+        return
+    fp = weights_fingerprint(resolve_model(EvalModelConfig(pretrained=given), cache_dir) if key == "model.pretrained"
+                             else given)
+    if fp != ref_value:
+        raise input_error(f"{key}={given}: differs from the reference's ({ref_value}); the student is the teacher "
+                          f"plus its LoRA, so it is sampled on the reference's weights; allowed: omit {key}")
+
+
+def plan_sample(cfg: SampleConfig) -> SamplePlan:
+    """Check every input (reference, weights, indexing, labels, out_dir) and resolve them; no model loads."""
+    from .features_cache import weights_fingerprint
+
+    ref = Path(cfg.reference)
+    check_path("reference", cfg.reference, "dir", "a folder written by sdxl.reference")
+    man_path = ref / "manifest.json"
+    if not man_path.is_file():
+        raise input_error(f"reference={ref}: no manifest.json; allowed: a folder written by sdxl.reference")
+    rman = json.loads(man_path.read_text())
+    if rman.get("kind") != "teacher_reference":
+        raise input_error(f"reference={ref}: holds {rman.get('kind')!r}, not a teacher reference")
+    captions = json.loads((ref / "captions.json").read_text())
+    missing = missing_indices(ref, len(captions), rman["config"].get("decode", True))
+    if missing:
+        raise input_error(f"reference={ref}: incomplete ({len(missing)} of {len(captions)} captions missing); "
+                          f"allowed: a complete reference (rerun its sdxl.reference command: it resumes)")
+    check_path("weights", cfg.weights, "any", "a LoRA folder / .safetensors file, or a folder with unet/ (kind full)")
+    if cfg.kind == "full":
+        if cfg.weights is None:
+            raise input_error("weights: kind=full needs weights=<folder with unet/>; allowed: a student folder")
+        check_path("weights", str(Path(cfg.weights) / "unet"), "dir", "a folder with unet/ for kind=full")
+    check_model_source("model.pretrained", cfg.model.pretrained)
+    check_model_source("model.vae", cfg.model.vae)
+
+    rkey, rmodel = rman["key"], rman["config"]["model"]
+    cache_dir = rman["config"].get("cache_dir", ".")
+    _same_weights("model.pretrained", cfg.model.pretrained, rkey["model"], cache_dir)
+    _same_weights("model.vae", cfg.model.vae, rkey["vae"], cache_dir)
+
+    run_path, run = find_run_config(cfg.weights)
+    student_offset = run.get("model", {}).get("timestep_offset") if run else None
+    offset = resolve_indexing(cfg.model.timestep_offset, int(rkey["timestep_offset"]), student_offset,
+                              str(run_path) if run_path else None, str(man_path), cfg.weights)
+    if run and not cfg.allow_reference_mismatch:
+        d, t = run.get("distill", {}), run.get("teacher", {})
+        ours = {"solver": d.get("solver"), "grid_size": d.get("grid_size", d.get("num_steps")),
+                "guidance_scale": t.get("guidance_scale"), "cfg_convention": t.get("cfg_convention"),
+                "uncond": t.get("uncond")}
+        theirs = {k: rkey.get(k) for k in ours}
+        diff = [f"{k}: {ours[k]!r} (student's run) vs {theirs[k]!r} (reference)" for k in ours
+                if ours[k] is not None and ours[k] != theirs[k]]
+        if diff:
+            raise input_error(f"reference={ref}: made with other teacher settings than the student's run "
+                              f"{run_path} ({'; '.join(diff)}); allowed: the reference of the student's own solver, "
+                              f"N and guidance, or allow_reference_mismatch=true")
+
+    run_labels = {k: v for k, v in (("method", run.get("distill", {}).get("method")),
+                                    ("solver", run.get("distill", {}).get("solver"))) if v is not None}
+    for k, given in (("method", cfg.method), ("solver", cfg.solver)):
+        if given is not None and k in run_labels and given != run_labels[k]:
+            raise input_error(f"{k}={given}: the student's run {run_path} says distill.{k}={run_labels[k]!r}; "
+                              f"allowed: omit {k} (read from the run) or give the run's value")
+    labels = {**run_labels, **{k: v for k, v in (("method", cfg.method), ("solver", cfg.solver)) if v}}
+
+    model = EvalModelConfig(pretrained=rmodel["pretrained"], vae=rmodel.get("vae"),
+                            dtype=cfg.model.dtype or rmodel.get("dtype", "bf16"),
+                            vae_dtype=cfg.model.vae_dtype or rmodel.get("vae_dtype"), timestep_offset=offset)
+    plan = SamplePlan(ref, rman, captions, model, cache_dir, offset, labels, {}, run)
+    ref_digest = hashlib.sha256(json.dumps(rkey, sort_keys=True).encode()).hexdigest()[:16]
+    plan.key = {"reference": ref_digest, "weights": weights_fingerprint(cfg.weights), "kind": cfg.kind,
+                "method": labels.get("method"), "solver": labels.get("solver"), "timestep_offset": offset,
+                "renoise_seed": cfg.renoise_seed, "dtype": model.dtype, "boundary": list(plan.boundary)}
+    folder_key_check("out_dir", Path(cfg.out_dir), "student_samples", plan.key)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- model
+def load_student_bundle(cfg: SampleConfig, plan: SamplePlan, device: torch.device):
+    """Load text encoders, VAE and UNet once (the reference's model, in the resolved indexing); put the
+    student's weights on it.
+
+    LoRA: ``unet.load_lora_adapter(weights)`` (diffusers' API); full: the student's ``unet/`` folder.
+    ``weights=None`` uses the teacher's UNet as the student (only useful for smoke runs)."""
+    from odecm.consistency import LCMBoundary
+
+    from .student import SDXLStudent
+    from .teacher import load_sdxl, resolve_dtype
+
+    m = plan.model
+    parts = load_sdxl(resolve_model(m, plan.cache_dir), vae=m.vae, dtype=m.dtype, vae_dtype=m.vae_dtype, device=device)
+    bundle = SDXLBundle(parts, m.timestep_offset, device)
+    boundary = LCMBoundary(*plan.boundary, t_min=0.0)
+    if cfg.kind == "lora":
+        if cfg.weights is not None:
+            p = Path(cfg.weights)
+            folder, name = (p.parent, p.name) if p.is_file() else (p, "pytorch_lora_weights.safetensors")
+            parts.unet.load_lora_adapter(str(folder), weight_name=name, prefix="unet", adapter_name="default")
+        student = SDXLStudent(parts.unet, bundle.schedule, "lora", boundary, prediction_type=bundle.prediction_type)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(cfg.weights) / "unet", torch_dtype=resolve_dtype(m.dtype))
+        unet = unet.to(device).requires_grad_(False).eval()
+        student = SDXLStudent(unet, bundle.schedule, "full", boundary, teacher_unet=parts.unet,
+                              prediction_type=bundle.prediction_type,
+                              w_embedding_dim=unet.config.get("time_cond_proj_dim"))
+    return bundle, student.eval()
+
+
+# ------------------------------------------------------------------------------------------- run
 def run_sample(cfg: SampleConfig, loader: Callable[[], tuple[SDXLBundle, Any]] | None = None) -> tuple[Path, dict]:
-    """Write k-step student samples for every k in ``cfg.steps``; finished shards are skipped."""
+    """Write k-step student samples for every k in ``cfg.steps``; captions already done are skipped."""
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from .features import _state, save_images
+    from .features_cache import _state, save_images
 
+    plan = plan_sample(cfg)
     state = _state()
-    ref = Path(cfg.reference)
-    rman = json.loads((ref / "manifest.json").read_text())
-    captions = json.loads((ref / "captions.json").read_text())
-    resolution = int(rman["key"]["resolution"])
     out = Path(cfg.out_dir)
-    offset = cfg.model.timestep_offset
-    if rman["config"]["model"].get("timestep_offset", 0) != offset:
-        raise ValueError("model.timestep_offset must match the reference's (same timestep indexing)")
-    shards = shards_of(len(captions), cfg.shard_size)
-    previous = json.loads((out / "manifest.json").read_text()).get("labels", {}) if (out / "manifest.json").is_file() else {}
-    labels = {**previous, **find_run_labels(cfg.weights),
-              **{k: v for k, v in (("method", cfg.method), ("solver", cfg.solver)) if v}}
-    manifest = {"kind": "student_samples", "reference": str(ref), "weights": cfg.weights, "labels": labels,
-                "steps": cfg.steps, "timesteps": {str(k): student_timesteps(k, offset) for k in cfg.steps},
-                "config": cfg.model_dump(mode="json")}
-    todo = {k: [j for j, idx in enumerate(shards) if not shard_done(out / f"k{k}", j, idx, True)] for k in cfg.steps}
-    stats = {"student_calls": 0, "shards_computed": {k: [] for k in cfg.steps}}
+    captions, offset = plan.captions, plan.offset
+    n = len(captions)
+    resolution = int(plan.ref_manifest["key"]["resolution"])
+    manifest_path = out / "manifest.json"
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    steps = sorted(set(previous.get("steps", [])) | set(cfg.steps))
+    manifest = {"kind": "student_samples", "key": plan.key, "reference": str(plan.reference), "weights": cfg.weights,
+                "labels": plan.labels, "timestep_offset": offset, "steps": steps,
+                "timesteps": {str(k): student_timesteps(k, offset) for k in steps},
+                "run_config": str(find_run_config(cfg.weights)[0] or ""), "config": cfg.model_dump(mode="json")}
+    todo = {k: plan_shards(n, cfg.shard_size, done_indices(out / f"k{k}", True) if (out / f"k{k}").is_dir() else set())
+            for k in cfg.steps}
+    stats = {"student_calls": 0, "captions_computed": {k: 0 for k in cfg.steps}, "timestep_offset": offset,
+             "timesteps": {k: student_timesteps(k, offset) for k in cfg.steps}}
+    state.wait_for_everyone()  # every process planned from the same files
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _write_manifest(manifest_path, manifest)
     if not any(todo.values()):
         return out, stats
 
-    from safetensors.torch import load_file
-
     device = _device(cfg.device)
-    bundle, student = loader() if loader is not None else load_student_bundle(cfg, rman["config"].get("cache_dir", "."), device)
-    noise = load_file(rman["noise_file"])["noise"]
+    bundle, student = loader() if loader is not None else load_student_bundle(cfg, plan, device)
+    noise = load_file(plan.ref_manifest["noise_file"])["noise"]
     calls = [0]
 
     def counted(x, t, cond):
@@ -150,9 +295,9 @@ def run_sample(cfg: SampleConfig, loader: Callable[[], tuple[SDXLBundle, Any]] |
 
     for k in cfg.steps:
         ts = student_timesteps(k, offset)
-        mine = [j for j in todo[k] if j % state.num_processes == state.process_index]
-        for j in tqdm(mine, desc=f"student k={k}", disable=not cfg.progress):
-            idx, outs = shards[j], []
+        mine = [j for j in range(len(todo[k])) if j % state.num_processes == state.process_index]
+        for j in tqdm(mine, desc=f"student k={k} {ts}", disable=not cfg.progress):
+            idx, outs = todo[k][j], []
             for b in range(0, len(idx), cfg.batch_size):
                 bi = idx[b:b + cfg.batch_size]
                 cond = bundle.cond([captions[i] for i in bi], resolution)
@@ -161,8 +306,8 @@ def run_sample(cfg: SampleConfig, loader: Callable[[], tuple[SDXLBundle, Any]] |
                 lat = multistep_sample(counted, bundle.schedule, noise[bi].to(device), ts, cond, z).float()
                 save_images(latents_to_images(bundle.parts.vae, lat), [image_path(out / f"k{k}", i) for i in bi])
                 outs.append(lat.cpu())
-            write_latent_shard(out / f"k{k}" / "shards" / f"{j:05d}.safetensors", torch.cat(outs), idx)
-            stats["shards_computed"][k].append(j)
+            write_latent_shard(shard_path(out / f"k{k}", idx), torch.cat(outs), idx)
+            stats["captions_computed"][k] += len(idx)
     stats["student_calls"] = calls[0]
     state.wait_for_everyone()
     return out, stats
@@ -172,7 +317,7 @@ def main(argv=None) -> None:
     cfg = cli_config(SampleConfig, argv, "Student k-step samples from the reference's shared noise.",
                      prog="python -m sdxl.sample")
     out, stats = run_sample(cfg)
-    print(json.dumps({"out_dir": str(out), **{k: v for k, v in stats.items()}}, default=str))
+    print(json.dumps({"out_dir": str(out), **stats}, default=str))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ Each ``DIR`` is an ``sdxl.evaluate`` output folder (holding ``metrics.json``) or
 folder with ``eval/metrics.json``. Rows: CM and Direct CM (``labels.method`` = cd / direct_cd)
 x DDIM, Euler, Heun (``labels.solver``), then one teacher row per reference solver found; columns
 E (latent ODE error), FID and FD-DINO against the teacher's samples, CLIP score, aesthetic; one
-table per k in (1, 2, 4). A row without a run says ``missing``. Writes ``table.md``,
+table per k in (1, 2, 4). The paper's solver rows are ``ddim``, ``euler_vp`` and ``heun_vp`` (its Euler and
+Heun step the VP PF-ODE in (x, t)); runs with the EDM-form ``euler`` / ``heun`` get their own rows. A row
+without a run says ``missing``. Runs that differ in timestep indexing, Fréchet-distance protocol,
+caption count, N or guidance, or whose reference solver is not their training solver, are listed under
+``warnings`` (the numbers would not be comparable). Writes ``table.md``,
 ``table.json`` and, per run, ``grid_<method>_<solver>.png``: teacher and k = 1, 2, 4 samples for the
 same captions and the same initial noise, one column per caption.
 """
@@ -15,10 +19,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_runs", "build_table", "render_markdown", "image_grid", "main", "METHODS", "SOLVERS", "TABLE_COLUMNS"]
+__all__ = ["load_runs", "build_table", "render_markdown", "image_grid", "main", "METHODS", "SOLVERS", "EXTRA_SOLVERS", "TABLE_COLUMNS",
+           "comparability_warnings"]
 
 METHODS = {"cd": "CM", "direct_cd": "Direct CM"}
-SOLVERS = {"ddim": "DDIM", "euler": "Euler", "heun": "Heun"}
+#: the paper's rows (its Euler / Heun are the VP-ODE solvers)
+SOLVERS = {"ddim": "DDIM", "euler_vp": "Euler", "heun_vp": "Heun"}
+#: further solvers shown when a run uses them (EDM forms in x/alpha, sigma/alpha)
+EXTRA_SOLVERS = {"euler": "Euler (EDM)", "heun": "Heun (EDM)"}
+ALL_SOLVERS = {**SOLVERS, **EXTRA_SOLVERS}
+#: settings every run of one table must share (metrics.json path -> label)
+SHARED = {("timestep_offset",): "timestep indexing", ("fd_protocol", "name"): "Fréchet-distance protocol",
+          ("num_captions",): "number of captions", ("teacher", "grid_size"): "N",
+          ("teacher", "guidance_scale"): "guidance scale"}
 TABLE_COLUMNS = [("ode_error_latent", "E"), ("fid_teacher", "FID"), ("fd_dino_teacher", "FD-DINO"),
                  ("clip_score", "CLIP"), ("aesthetic", "Aesthetic")]
 STEPS = ("1", "2", "4")
@@ -39,8 +52,31 @@ def load_runs(dirs: list[str | Path]) -> list[dict]:
     return runs
 
 
+def _get(d: dict, path: tuple) -> Any:
+    for p in path:
+        d = d.get(p) if isinstance(d, dict) else None
+    return d
+
+
+def comparability_warnings(runs: list[dict]) -> list[str]:
+    """Settings that differ between runs (``SHARED``), and runs whose reference solver is not their training solver."""
+    ok = [r for r in runs if "error" not in r]
+    out = []
+    for path, what in SHARED.items():
+        values = {json.dumps(_get(r, path)): [] for r in ok}
+        for r in ok:
+            values[json.dumps(_get(r, path))].append(Path(r["dir"]).parent.name or r["dir"])
+        if len(values) > 1:
+            out.append(f"runs differ in {what}: " + "; ".join(f"{v} ({', '.join(names)})" for v, names in values.items()))
+    for r in ok:
+        lab, t = r.get("labels", {}), r["teacher"]
+        if lab.get("solver") and lab["solver"] != t["solver"]:
+            out.append(f"{r['dir']}: trained with {lab['solver']} but compared with the {t['solver']} reference")
+    return out
+
+
 def build_table(runs: list[dict]) -> dict:
-    """``{"rows": [{"row", "method", "solver", "status", "k": {k: {col: value}}}], "columns", "steps"}``."""
+    """``{"rows": [{"row", "method", "solver", "status", "k": {k: {col: value}}}], "columns", "steps", "warnings"}``."""
     by_key: dict[tuple[str, str], dict] = {}
     extra, teachers = [], {}
     for r in runs:
@@ -49,17 +85,18 @@ def build_table(runs: list[dict]) -> dict:
             continue
         lab = r.get("labels", {})
         key = (lab.get("method"), lab.get("solver"))
-        if key in by_key or key[0] not in METHODS or key[1] not in SOLVERS:
+        if key in by_key or key[0] not in METHODS or key[1] not in ALL_SOLVERS:
             extra.append({"row": f"{lab.get('method')}/{lab.get('solver')} ({Path(r['dir']).name})", "status": "ok",
                           "k": {k: {c: m.get(c) for c, _ in TABLE_COLUMNS} for k, m in r["k"].items()}, "dir": r["dir"]})
         else:
             by_key[key] = r
         t = r["teacher"]
-        teachers.setdefault(t["solver"], {"row": f"Teacher {SOLVERS.get(t['solver'], t['solver'])} (N={t['grid_size']})",
+        teachers.setdefault(t["solver"], {"row": f"Teacher {ALL_SOLVERS.get(t['solver'], t['solver'])} (N={t['grid_size']})",
                                           "status": "ok", "values": {c: t.get(c) for c, _ in TABLE_COLUMNS}})
+    solvers = {**SOLVERS, **{s: n for s, n in EXTRA_SOLVERS.items() if any(k[1] == s for k in by_key) or s in teachers}}
     rows = []
     for m, mname in METHODS.items():
-        for s, sname in SOLVERS.items():
+        for s, sname in solvers.items():
             r = by_key.get((m, s))
             if r is None:
                 rows.append({"row": f"{mname} {sname}", "method": m, "solver": s, "status": "missing (no run given)", "k": {}})
@@ -67,13 +104,16 @@ def build_table(runs: list[dict]) -> dict:
                 rows.append({"row": f"{mname} {sname}", "method": m, "solver": s, "status": "ok", "dir": r["dir"],
                              "k": {k: {c: v.get(c) for c, _ in TABLE_COLUMNS} for k, v in r["k"].items()},
                              "skipped": sorted(r.get("skipped", {}))})
-    for s in SOLVERS:
+    for s in solvers:
         if s in teachers:
             rows.append({**teachers[s], "solver": s, "method": "teacher"})
         else:
-            rows.append({"row": f"Teacher {SOLVERS[s]}", "method": "teacher", "solver": s,
+            rows.append({"row": f"Teacher {solvers[s]}", "method": "teacher", "solver": s,
                          "status": "missing (no run used this reference)"})
-    return {"rows": rows + extra, "columns": [c for c, _ in TABLE_COLUMNS], "steps": list(STEPS)}
+    ok = [r for r in runs if "error" not in r]
+    settings = {what: _get(ok[0], path) for path, what in SHARED.items()} if ok else {}
+    return {"rows": rows + extra, "columns": [c for c, _ in TABLE_COLUMNS], "steps": list(STEPS),
+            "settings": settings, "warnings": comparability_warnings(runs)}
 
 
 def _fmt(v: Any) -> str:
@@ -82,6 +122,10 @@ def _fmt(v: Any) -> str:
 
 def render_markdown(table: dict) -> str:
     lines = ["# Table 1: CM vs Direct CM on SDXL (FID / FD-DINO against the teacher's samples; CLIP = cosine)", ""]
+    if table.get("settings"):
+        lines += ["Settings: " + ", ".join(f"{k} {v}" for k, v in table["settings"].items()), ""]
+    if table.get("warnings"):
+        lines += ["**Warnings (numbers not comparable):**", ""] + [f"- {w}" for w in table["warnings"]] + [""]
     headers = [h for _, h in TABLE_COLUMNS]
     for k in table["steps"]:
         lines += [f"## k = {k} student step{'s' if k != '1' else ''}", "",

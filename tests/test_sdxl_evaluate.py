@@ -26,7 +26,7 @@ def run(tmp_path_factory, tiny_sdxl_dir):
 
     root = tmp_path_factory.mktemp("sdxl_eval")
     (root / "captions.txt").write_text("\n".join(CAPTIONS))
-    model = {"pretrained": str(tiny_sdxl_dir), "dtype": "fp32"}
+    model = {"pretrained": str(tiny_sdxl_dir), "dtype": "fp32", "timestep_offset": 0}  # diffusers indexing
     rcfg = ReferenceConfig(model=model, grid_size=2, captions=str(root / "captions.txt"), resolution=32, batch_size=3,
                            shard_size=4, cache_dir=str(root / "cache"), progress=False, device="cpu")
     bundle = load_bundle(rcfg.model, rcfg.cache_dir, torch.device("cpu"))
@@ -36,7 +36,9 @@ def run(tmp_path_factory, tiny_sdxl_dir):
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir / "unet")
     add_lora(unet, rank=4, alpha=4, init=False)
     lora = save_lora(unet, root / "run" / "lora")
-    scfg = SampleConfig(reference=str(ref), model=model, weights=str(lora), steps=[1, 2], method="cd", solver="ddim",
+    # no training-run config next to this LoRA: its indexing is given explicitly
+    scfg = SampleConfig(reference=str(ref), model={"timestep_offset": 0}, weights=str(lora), steps=[1, 2], method="cd",
+                        solver="ddim",
                         batch_size=2, out_dir=str(root / "samples"), progress=False, device="cpu")
     samples, stats = run_sample(scfg)
     return dict(root=root, ref=ref, samples=samples, stats=stats, bundle=bundle, lora=lora, tiny=tiny_sdxl_dir)
@@ -63,9 +65,9 @@ def test_student_samples_match_independent_student(run):
     _, k2 = read_latents(run["samples"] / "k2")
     assert torch.allclose(k1, x0_1, atol=1e-4) and torch.allclose(k2, x0_2, atol=1e-4)
     assert not torch.allclose(k1, k2, atol=1e-3)
-    # rerun: every shard finished -> no student calls
-    scfg = SampleConfig(reference=str(run["ref"]), model={"pretrained": str(run["tiny"]), "dtype": "fp32"},
-                        weights=str(run["lora"]), steps=[1, 2], out_dir=str(run["samples"]), progress=False, device="cpu")
+    # rerun with the same inputs: every caption finished -> no student calls, no model load
+    scfg = SampleConfig(reference=str(run["ref"]), model={"timestep_offset": 0}, weights=str(run["lora"]), steps=[1, 2],
+                        method="cd", solver="ddim", out_dir=str(run["samples"]), progress=False, device="cpu")
     assert run_sample(scfg, loader=lambda: pytest.fail("model loaded although all shards exist"))[1]["student_calls"] == 0
 
 
@@ -73,7 +75,8 @@ def test_evaluate_metrics_by_hand(run, tmp_path):
     root = run["root"]
     clip_dir, dino_dir = feat.build_tiny_clip(root / "clip"), feat.build_tiny_dinov2(root / "dino")
     head = feat.write_random_aesthetic(root / "aesthetic.pth", input_size=16)
-    cfg = EvaluateConfig(samples=str(run["samples"]), real_images=str(run["ref"] / "images"),
+    # tf1 protocol: Fréchet distances on the PNGs as stored, so "real" (= the teacher's PNGs) equals "teacher"
+    cfg = EvaluateConfig(samples=str(run["samples"]), real_images=str(run["ref"] / "images"), fd_protocol="tf1",
                          weights=MetricWeights(fid_inception=None, dino=str(dino_dir), clip=str(clip_dir),
                                                aesthetic=str(head)),
                          cache_dir=str(tmp_path / "features"), batch_size=2, progress=False, device="cpu")
@@ -100,4 +103,10 @@ def test_evaluate_metrics_by_hand(run, tmp_path):
     out = run["samples"] / "eval"
     table = (out / "table.md").read_text()
     assert "student k=1" in table and "teacher" in table and "E (latent)" in table
-    assert json.loads((out / "metrics.json").read_text())["labels"] == {"method": "cd", "solver": "ddim"}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["labels"] == {"method": "cd", "solver": "ddim"}
+    assert saved["fd_protocol"]["name"] == "tf1" and saved["timestep_offset"] == 0
+    assert saved["timesteps"] == {"1": [999], "2": [999, 499]}
+    # 3 samples against 32-d tiny DINOv2 features: every Fréchet distance is flagged (logged + noted)
+    assert len(saved["notes"]) == 5 and all("rank-deficient" in n for n in saved["notes"])
+    assert "3 samples <= 32 feature dimensions" in saved["notes"][0] and "Warnings:" in table

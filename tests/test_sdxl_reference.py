@@ -19,7 +19,7 @@ def _cfg(tmp_path, tiny_sdxl_dir, **kw):
     caps = tmp_path / "captions.txt"
     if not caps.exists():
         caps.write_text("\n".join(CAPTIONS) + "\n")
-    base = dict(model={"pretrained": str(tiny_sdxl_dir), "dtype": "fp32"}, solver="ddim", grid_size=4,
+    base = dict(model={"pretrained": str(tiny_sdxl_dir), "dtype": "fp32", "timestep_offset": 0}, solver="ddim", grid_size=4,
                 captions=str(caps), resolution=32, batch_size=2, shard_size=2, cache_dir=str(tmp_path / "cache"),
                 progress=False, device="cpu")
     base.update(kw)
@@ -46,7 +46,8 @@ def test_reference_golden_cache_and_resume(tmp_path, tiny_sdxl_dir):
 
     folder, stats = refmod.run_reference(cfg, loader=loader)
     # 2 shards (2 + 1 captions), 4 DDIM steps, one batched CFG call per step
-    assert stats["shards_computed"] == [0, 1] and stats["teacher_calls"] == 8 and stats["teacher_evals"] == 12
+    assert stats["shards_computed"] == ["00000-00001", "00002-00002"]
+    assert stats["teacher_calls"] == 8 and stats["teacher_evals"] == 12
     idx, z = refmod.read_latents(folder)
     assert idx.tolist() == [0, 1, 2] and z.shape == (3, 4, 16, 16)
     assert all(refmod.image_path(folder, i).is_file() for i in range(3))
@@ -76,13 +77,13 @@ def test_reference_golden_cache_and_resume(tmp_path, tiny_sdxl_dir):
     # second call: everything cached -> no model load, zero teacher calls
     n_loads = len(loads)
     folder2, stats2 = refmod.run_reference(cfg, loader=loader)
-    assert folder2 == folder and stats2["teacher_calls"] == 0 and stats2["shards_skipped"] == 2
+    assert folder2 == folder and stats2["teacher_calls"] == 0 and stats2["captions_skipped"] == 3
     assert len(loads) == n_loads
 
     # simulate a run killed inside shard 1: its latents marker never got written, a temp file is left
-    (folder / "shards" / "00001.safetensors").rename(folder / "shards" / "00001.tmp")
+    (folder / "shards" / "00002-00002.safetensors").rename(folder / "shards" / "00002-00002.tmp")
     folder3, stats3 = refmod.run_reference(cfg, loader=loader)
-    assert stats3["shards_computed"] == [1] and stats3["teacher_calls"] == 4
+    assert stats3["shards_computed"] == ["00002-00002"] and stats3["teacher_calls"] == 4
     _, z3 = refmod.read_latents(folder3)
     assert torch.allclose(z3, z, atol=1e-6)
 

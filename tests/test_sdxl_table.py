@@ -31,7 +31,7 @@ def test_table_from_two_tiny_runs(tmp_path, tiny_sdxl_dir):
         # two different "students": the tiny UNet with the LCM boundary, one with a scaled output
         base = SDXLStudent(bundle.parts.unet, bundle.schedule, "lora")
         student = (lambda x, t, c, b=base, s=scale: s * b(x, t, c))
-        scfg = SampleConfig(reference=str(ref), model=model, steps=[1, 2], method=method, solver="ddim",
+        scfg = SampleConfig(reference=str(ref), steps=[1, 2], method=method, solver="ddim",
                             out_dir=str(tmp_path / method), progress=False, device="cpu")
         samples, _ = run_sample(scfg, loader=lambda st=student: (bundle, st))
         ecfg = EvaluateConfig(samples=str(samples), weights=MetricWeights(fid_inception=None, dino=None),
