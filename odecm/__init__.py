@@ -1,6 +1,14 @@
 """odecm: consistency distillation and Direct CD on one backend-agnostic PF-ODE core.
 
-Submodules: schedules, denoisers, grids, solvers, consistency, objectives, training, metrics, config.
+Submodules:
+
+* the PF-ODE core: ``schedules``, ``denoisers``, ``grids``, ``solvers``, ``consistency``,
+  ``objectives``, ``metrics``;
+* training: ``training`` (the loop), ``target`` (EMA / stop-gradient target), ``optim``,
+  ``checkpoint`` (pickle-free on-disk format), ``runs`` (run folders, resume policy),
+  ``distributed`` (decisions shared by every rank);
+* configuration: ``config`` (pydantic models), ``cli`` (the one command line of every entry point).
+
 Nothing here imports toys, sdxl or diffusers.
 """
 __version__ = "0.1.0"
