@@ -1,4 +1,5 @@
-"""sdxl.data: listing formats, SDXL crop bookkeeping, skipping unreadable files, deterministic order."""
+"""sdxl.data: listing formats and layouts, missing captions, checks at the door, SDXL crop bookkeeping, skipping
+unreadable files, deterministic order (bad samples in detail: test_sdxl_data_bad_samples.py)."""
 from __future__ import annotations
 
 import io
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from odecm.cli import InputError
 from sdxl.data import (
     ImageCaptionDataset,
     Record,
@@ -19,8 +21,10 @@ from sdxl.data import (
     SkipStats,
     WebImageCaptionDataset,
     collate,
+    data_kind,
     list_folder,
     make_synthetic_dataset,
+    open_dataset,
     read_index,
     write_shards,
 )
@@ -62,9 +66,12 @@ def test_index_accepts_alternative_names_and_rejects_missing(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "x.jsonl").write_text(json.dumps(dict(image_path="a.png", prompt="hello")) + "\n")
     assert read_index(tmp_path / "x.jsonl") == [Record(str(tmp_path / "a.png"), "hello")]
+    (tmp_path / "upper.jsonl").write_text(json.dumps(dict(URL="u", IMAGE="a.png", TEXT="laion style")) + "\n")
+    assert read_index(tmp_path / "upper.jsonl") == [Record(str(tmp_path / "a.png"), "laion style")]
     (tmp_path / "bad.jsonl").write_text(json.dumps(dict(image="a.png", label="x")) + "\n")
-    with pytest.raises(KeyError, match="caption"):
+    with pytest.raises(InputError, match=r"bad.jsonl:1 .*row keys \['image', 'label'\].*allow_empty_captions"):
         read_index(tmp_path / "bad.jsonl")
+    assert read_index(tmp_path / "bad.jsonl", allow_empty_captions=True) == [Record(str(tmp_path / "a.png"), "")]
 
 
 def test_center_crop_of_known_size():
@@ -141,10 +148,13 @@ def test_corrupt_files_skipped_and_counted(tmp_path, caplog):
         ds = ImageCaptionDataset(records, resolution=16)
         samples = [ds[i] for i in range(len(ds))]
     assert ds.stats.count == 3 and sorted(ds.stats.files) == bad
-    assert sum("unreadable" in m for m in caplog.messages) == 3
+    assert ds.stats.by_reason["unreadable_image"] == 3 and ds.stats.delivered == 12
+    assert sum("unreadable_image" in m for m in caplog.messages) == 3
+    assert all(len(m.splitlines()) == 1 and any(b in m for b in bad) for m in caplog.messages)
     assert any("truncated" in m for m in caplog.messages)
     assert all(records[s["index"]].path not in bad for s in samples)
-    assert sorted(n for s in samples for n in s["skipped"]) == bad
+    assert sorted(r.name for s in samples for r in s["skipped"]) == bad
+    assert {r.reason for s in samples for r in s["skipped"]} == {"unreadable_image"}
     # a second pass hits the known-bad files again: counted as events, without re-decoding them
     ds[records.index(next(r for r in records if r.path == bad[0]))]
     assert ds.stats.count == 4 and len(ds.stats.files) == 3
@@ -181,7 +191,7 @@ def test_webdataset_shards_yield_captions_and_skip_corrupt(tmp_path):
         assert [s["caption"] for s in samples] == [r.caption for r in good]
         assert all(s["pixel_values"].shape == (3, 16, 16) for s in samples)
         assert all(s["original_size"] == (30, 20) for s in samples)
-        assert ds.stats.count == 2
+        assert ds.stats.count == 2 and ds.stats.by_reason["unreadable_image"] == 2
         assert sum(len(s["skipped"]) for s in samples) == 2
 
 
@@ -249,3 +259,99 @@ def test_decoding_bytes_equivalent_to_file(tmp_path):
     a = ResizeCrop(16)(Image.open(io.BytesIO(data)), np.random.default_rng(0))[0]
     b = ImageCaptionDataset(good, resolution=16)[0]["pixel_values"]
     torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def _image(path, colour=(10, 20, 30), size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def test_huggingface_imagefolder_layout_is_read_recursively(tmp_path):
+    root = tmp_path / "laion"
+    a = [_image(root / "part-0" / f"{i}.png") for i in range(2)]
+    b = [_image(root / "part-1" / "imgs" / f"{i}.jpg") for i in range(2)]
+    (root / "part-0" / "metadata.jsonl").write_text(
+        "".join(json.dumps(dict(file_name=f"{i}.png", text=f"zero {i}", aesthetic=7.1)) + "\n" for i in range(2)))
+    (root / "part-1" / "metadata.csv").write_text(
+        "file_name,caption,width\n" + "".join(f"imgs/{i}.jpg,\"one, {i}\",512\n" for i in range(2)))
+    side = [_image(root / "loose" / "x.png")]
+    (root / "loose" / "x.txt").write_text("a sidecar caption\n")
+    _image(root / "part-0" / "not_listed.png")  # governed by part-0's metadata, not named: unused
+    records = list_folder(root)
+    assert records == [Record(a[0], "zero 0"), Record(a[1], "zero 1"), Record(b[0], "one, 0"), Record(b[1], "one, 1"),
+                       Record(side[0], "a sidecar caption")]
+    # a metadata file at the root naming files in subfolders, next to the subfolders' own
+    (root / "metadata.jsonl").write_text(json.dumps(dict(file_name="loose/x.png", text="from the root")) + "\n")
+    records = list_folder(root)
+    assert Record(side[0], "from the root") in records and len(records) == 5
+    # the synthetic writer's imagefolder layout
+    good = make_synthetic_dataset(tmp_path / "synthetic", 5, size=16, seed=2, index="imagefolder")
+    assert sorted((tmp_path / "synthetic").glob("*/metadata.jsonl")) != []
+    assert list_folder(tmp_path / "synthetic") == good
+    assert ImageCaptionDataset.from_folder(tmp_path / "synthetic", resolution=8)[4]["caption"] == good[4].caption
+
+
+def test_missing_caption_is_an_error_for_the_run(tmp_path):
+    make_synthetic_dataset(tmp_path / "side", 3, size=16, seed=0)
+    (tmp_path / "side" / "img_00001.txt").unlink()
+    with pytest.raises(InputError, match=r"data.path=.*1 of 3 images have no caption .*img_00001.png \(no "
+                                         r"img_00001.txt\).*data.allow_empty_captions=true"):
+        ImageCaptionDataset.from_folder(tmp_path / "side", resolution=8)
+    ds = ImageCaptionDataset.from_folder(tmp_path / "side", resolution=8, allow_empty_captions=True)
+    assert [r.caption == "" for r in ds.records] == [False, True, False]
+    (tmp_path / "side" / "img_00001.txt").write_text("  \n")
+    with pytest.raises(InputError, match=r"img_00001.txt is empty"):
+        list_folder(tmp_path / "side")
+    make_synthetic_dataset(tmp_path / "idx", 3, size=16, seed=0, index="jsonl")
+    lines = (tmp_path / "idx" / "metadata.jsonl").read_text().splitlines()
+    lines[1] = json.dumps(dict(file="img_00001.png", caption=""))
+    (tmp_path / "idx" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"^data=.*metadata.jsonl:2 \(img_00001.png; empty 'caption'\).*"
+                                         r"set allow_empty_captions=true"):
+        open_dataset(str(tmp_path / "idx"), key="data", resolution=8)
+    # webdataset: raised when the sample is read
+    records = [Record(r.path, "" if i == 1 else r.caption) for i, r in enumerate(list_folder(tmp_path / "side",
+                                                                                          allow_empty_captions=True))]
+    shards = write_shards(records, tmp_path / "tar", per_shard=4)
+    with pytest.raises(InputError, match=r"shard-00000.tar:00000001.txt has no caption"):
+        list(WebImageCaptionDataset(shards, resolution=8, shuffle_shards=False))
+    samples = list(WebImageCaptionDataset(shards, resolution=8, shuffle_shards=False, allow_empty_captions=True))
+    assert [s["caption"] for s in samples] == [r.caption for r in records]
+
+
+# ---------------------------------------------------------------------------------------------- checks at the door
+def test_checks_at_the_door_name_the_key_and_value(tmp_path):
+    with pytest.raises(InputError, match=r"^data.path='.*nowhere': no such file or folder$"):
+        data_kind(str(tmp_path / "nowhere"))
+    (tmp_path / "meta.parquet").write_bytes(b"PAR1")
+    with pytest.raises(InputError, match=r"^data=.*meta.parquet': unknown file extension '.parquet'; allowed: a fo"):
+        open_dataset(str(tmp_path / "meta.parquet"), key="data")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(InputError, match=r"empty.jsonl': no usable rows$"):
+        open_dataset(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "bad.jsonl").write_text("{oops\n[1]\n")
+    with pytest.raises(InputError, match=r"bad.jsonl': no usable rows \(2 bad rows, first: skipped .*bad.jsonl:1"):
+        open_dataset(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "gone.jsonl").write_text(json.dumps(dict(file="gone.png", caption="x")) + "\n")
+    with pytest.raises(InputError, match=r"none of the first 1 images it names exist .*gone.png"):
+        open_dataset(str(tmp_path / "gone.jsonl"))
+    with pytest.raises(InputError, match=r"^data.index='.*index.txt': unknown file extension '.txt'"):
+        (tmp_path / "index.txt").write_text("x")
+        open_dataset(str(tmp_path), index=str(tmp_path / "index.txt"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match=r"folder': no images \(.png"):
+        open_dataset(str(tmp_path / "folder"))
+    (tmp_path / "folder" / "metadata.jsonl").write_text("")
+    (tmp_path / "folder" / "metadata.csv").write_text("")
+    with pytest.raises(InputError, match=r"holds 2 metadata files"):
+        open_dataset(str(tmp_path / "folder"))
+    good = make_synthetic_dataset(tmp_path / "img", 2, size=16, seed=0)
+    shards = write_shards(good, tmp_path / "tar", per_shard=1)
+    assert data_kind(str(tmp_path / "tar")) == "shards" and data_kind(shards[0]) == "shards"
+    assert data_kind(str(tmp_path / "img")) == "folder"
+    assert isinstance(open_dataset(str(tmp_path / "tar" / "shard-{00000..00001}.tar"), resolution=8),
+                      WebImageCaptionDataset)
+    with pytest.raises(InputError, match=r"1 of 3 shards do not exist \(first: .*shard-00002.tar\)"):
+        open_dataset(str(tmp_path / "tar" / "shard-{00000..00002}.tar"))
