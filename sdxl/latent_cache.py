@@ -1,13 +1,16 @@
 """Precomputed VAE latents and prompt embeddings for SDXL training (optional).
 
-    python -m sdxl.latent_cache --data DATA --model MODEL --out OUT [--resolution 1024 --crop center ...]
+    python -m sdxl.latent_cache --set data=DATA model=MODEL out=OUT [resolution=1024 crop=center ...]
 
-``DATA`` is an image folder (sidecar captions or an index file inside), a ``.jsonl``/``.csv`` index,
-a folder of ``.tar`` shards or a brace pattern of shards (see ``sdxl.data``). ``MODEL`` is an SDXL hub
-id or local folder (``sdxl.teacher.load_sdxl``). The cache goes to ``OUT/<key>/`` where ``key`` is the
-first 16 hex digits of a SHA-256 over (model, VAE, encoder dtype, resolution, crop mode, flip, seed,
-format version, dataset listing = every file's path, caption and byte size): a run with the same
-inputs finds the finished cache and returns at once; a change to any of them gives a new key.
+``DATA`` is an image folder (read recursively: metadata files such as HuggingFace ``imagefolder``'s
+``metadata.jsonl`` in subfolders, or sidecar captions), a ``.jsonl``/``.csv`` index, a ``.tar`` shard,
+a folder of shards or a brace pattern of shards (see ``sdxl.data``). ``MODEL`` is an SDXL hub id or
+local folder (``sdxl.teacher.load_sdxl``). The cache goes to ``OUT/<key>/`` where ``key`` is the first
+16 hex digits of a SHA-256 over (model, VAE, encoder dtype, resolution, crop mode, flip, seed,
+transparency background, format version, dataset listing = every file's path, caption and byte size):
+a run with the same inputs finds the finished cache and returns at once; a change to any of them
+gives a new key. Bad ``data`` / ``index`` paths, unknown extensions, listings without usable rows and
+missing captions (unless ``allow_empty_captions=true``) are one-line errors before any model loads.
 
 What is stored, per sample (safetensors shards ``shard-00000.safetensors`` ..., ``index.json``):
 
@@ -27,8 +30,14 @@ Caching freezes the augmentation: each image keeps the one crop/flip it got (see
 center crops for cached training.
 
 Resume: shards are written to a temporary name and renamed when complete; ``index.json`` lists the
-finished ones, and a rerun skips them (their images are not even decoded). Unreadable images are
-skipped and counted (``index.json["skipped"]``).
+finished ones, and a rerun skips them (their images are not even decoded).
+
+Bad samples (``sdxl.data_skips``: unreadable or missing images, truncated shards, captions that are not
+UTF-8, malformed index lines, ...) are skipped with a one-line warning and counted by reason:
+``index.json`` (``skipped``, ``skipped_by_reason``, per shard), ``metrics.json`` (totals, share,
+examples) and ``log.jsonl`` (one line per encoded shard) in the cache folder. When more than
+``max_skip_fraction`` of the rows are skipped (default 0.05), the build stops (``TooManySkipsError``,
+with the counts by reason; ``metrics.json`` says ``"status": "stopped_too_many_skips"``).
 """
 from __future__ import annotations
 
@@ -38,25 +47,30 @@ import inspect
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Annotated, Callable, Iterator, Sequence
 
 import torch
 from pydantic import Field
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
 
 from odecm.config import StrictModel
-from sdxl.data import ImageCaptionDataset, WebImageCaptionDataset, expand_shards, list_folder, read_index
+from sdxl.data import (WHITE, ImageCaptionDataset, Skip, SkipStats, TooManySkipsError, WebImageCaptionDataset,
+                       data_kind, expand_shards, scan)
+from sdxl.latent_cache_dataset import TENSOR_KEYS, CachedLatentDataset, collate_cached, cond, sample_latents
 from sdxl.teacher import load_sdxl, make_time_ids, resolve_dtype
+
+__all__ = ["LatentCacheConfig", "Encoders", "load_encoders", "encode_posterior", "cache_key", "build_cache", "main",
+           "CachedLatentDataset", "collate_cached", "cond", "sample_latents", "TENSOR_KEYS", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-TENSOR_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "text_embeds", "time_ids", "original_size",
-               "crop_top_left")
+FORMAT_VERSION = 2  # 2: 16-bit and transparent images decoded correctly; skip counts by reason
+
+
+Byte = Annotated[int, Field(ge=0, le=255)]
 
 
 class LatentCacheConfig(StrictModel):
@@ -76,6 +90,9 @@ class LatentCacheConfig(StrictModel):
     encode_dtype: str = Field("fp32", pattern="^(fp32|float32|bf16|bfloat16|fp16|float16)$")
     store_dtype: str = Field("fp16", pattern="^(fp32|float32|bf16|bfloat16|fp16|float16)$")
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    allow_empty_captions: bool = Field(False, description="images without a caption get '' instead of an error")
+    max_skip_fraction: float = Field(0.05, ge=0, le=1, description="stop when more of the rows are skipped")
+    background: tuple[Byte, Byte, Byte] = Field(WHITE, description="RGB that transparent pixels are composited on")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,69 +132,71 @@ def encode_posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.
     return (dist.mean.float() - shift) * scale, dist.std.float() * scale
 
 
-def sample_latents(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A posterior sample ``z = latent_mean + latent_std * eps``, eps ~ N(0, I) (float32)."""
-    mean = batch["latent_mean"].float()
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device if generator is None else generator.device)
-    return mean + batch["latent_std"].float() * eps.to(mean.device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # sources and cache key
 
 
-def _is_shards(data: str) -> bool:
-    path = Path(data)
-    if data.endswith(".tar") or "{" in data:
-        return True
-    return path.is_dir() and any(path.glob("*.tar")) and not any(
-        p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") for p in path.iterdir())
+@dataclass
+class _Unit:
+    """A piece of the source that becomes one cache shard: ``samples(stats)`` yields its samples and
+    counts them (delivered, skipped by reason) into ``stats``."""
+
+    name: str
+    samples: Callable[[SkipStats], Iterator[dict]]
 
 
 @dataclass
-class _Unit:
-    """A piece of the source that becomes one cache shard."""
+class _Source:
+    """The units of a build, the listing for the key, the rows the listing skipped and the row count
+    (None for tar shards, whose samples are only known once read)."""
 
-    name: str
-    samples: Callable[[], Iterator[dict]]
+    units: list[_Unit]
+    listing: list
+    listing_skips: list[Skip]
+    total: int | None
 
 
-def _units(cfg: LatentCacheConfig) -> tuple[list[_Unit], list, Callable[[], int]]:
-    """(units, listing for the key, skipped-count getter). One unit per tar shard or ``shard_size`` records."""
-    kw = dict(resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed)
-    if _is_shards(cfg.data):
-        shards = expand_shards(cfg.data)
-        datasets = [WebImageCaptionDataset([s], shuffle_shards=False, **kw) for s in shards]
+def _source(cfg: LatentCacheConfig) -> _Source:
+    """Checks at the door, then one unit per tar shard or per ``shard_size`` records."""
+    kw = dict(resolution=cfg.resolution, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed, background=cfg.background)
+    if cfg.index is None and data_kind(cfg.data, "data") == "shards":
+        shards = expand_shards(cfg.data, "data")
+
+        def shard_samples(shard: str, stats: SkipStats) -> Iterator[dict]:
+            dataset = WebImageCaptionDataset([shard], shuffle_shards=False, key="data",
+                                             allow_empty_captions=cfg.allow_empty_captions, **kw)
+            yield from dataset
+            stats.merge(dataset.stats)  # every skip of the shard, also those after its last good sample
+
+        units = [_Unit(s, (lambda stats, s=s: shard_samples(s, stats))) for s in shards]
         listing = [(str(Path(s).resolve()), os.path.getsize(s)) for s in shards]
-        units = [_Unit(s, (lambda d=d: iter(d))) for s, d in zip(shards, datasets)]
-        return units, listing, lambda: sum(d.stats.count for d in datasets)
-    if cfg.index is not None:
-        records = read_index(cfg.index)
-    elif Path(cfg.data).is_file():
-        records = read_index(cfg.data)
-    else:
-        records = list_folder(cfg.data)
-    dataset = ImageCaptionDataset(records, **kw)
+        return _Source(units, listing, [], None)
+    found = scan(cfg.data, cfg.index, cfg.allow_empty_captions, key="data")
+    dataset = ImageCaptionDataset(found.records, listing_skips=found.skips, **kw)
+    records = dataset.records
     listing = [(str(Path(r.path).resolve()), r.caption, os.path.getsize(r.path) if os.path.exists(r.path) else -1)
                for r in records]
 
-    def unit(first: int, last: int) -> Iterator[dict]:
+    def unit(first: int, last: int, stats: SkipStats) -> Iterator[dict]:
         for j in range(first, last):
-            sample = dataset.try_get(j, epoch=0)
-            if sample is not None:
+            sample = dataset.get_or_skip(j, epoch=0)
+            if isinstance(sample, Skip):
+                stats.add(sample)
+            else:
+                stats.delivered += 1
                 yield sample
 
     units = [_Unit(f"records {a}..{min(a + cfg.shard_size, len(records)) - 1}",
-                   (lambda a=a: unit(a, min(a + cfg.shard_size, len(records)))))
+                   (lambda stats, a=a: unit(a, min(a + cfg.shard_size, len(records)), stats)))
              for a in range(0, len(records), cfg.shard_size)]
-    return units, listing, lambda: dataset.stats.count
+    return _Source(units, listing, found.skips, dataset.num_rows)
 
 
 def cache_key(cfg: LatentCacheConfig, model_name: str, listing: list) -> str:
     """16 hex digits of SHA-256 over everything that changes the cached values."""
     payload = dict(version=FORMAT_VERSION, model=model_name, resolution=cfg.resolution, crop=cfg.crop,
                    flip=cfg.flip, seed=cfg.seed if (cfg.crop == "random" or cfg.flip) else None,
-                   store_dtype=cfg.store_dtype, listing=listing)
+                   store_dtype=cfg.store_dtype, background=list(cfg.background), listing=listing)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -197,11 +216,12 @@ def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 
 @torch.no_grad()
-def _encode_unit(unit: _Unit, encoders: Encoders, cfg: LatentCacheConfig) -> tuple[dict, list, list]:
+def _encode_unit(unit: _Unit, encoders: Encoders, cfg: LatentCacheConfig,
+                 stats: SkipStats) -> tuple[dict, list, list]:
     store = resolve_dtype(cfg.store_dtype)
     parts: dict[str, list] = {k: [] for k in TENSOR_KEYS}
     captions, names = [], []
-    for chunk in _batches(unit.samples(), cfg.batch_size):
+    for chunk in _batches(unit.samples(stats), cfg.batch_size):
         pixels = torch.stack([s["pixel_values"] for s in chunk])
         original = torch.tensor([s["original_size"] for s in chunk], dtype=torch.long)
         crop = torch.tensor([s["crop_top_left"] for s in chunk], dtype=torch.long)
@@ -225,15 +245,38 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def _append_log(folder: Path, record: dict) -> None:
+    with (folder / "log.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _unit_record(stats: SkipStats) -> dict:
+    """What index.json keeps of a finished unit's skips (enough to rebuild the totals on resume)."""
+    return dict(skipped=stats.count, skipped_by_reason={r: n for r, n in stats.by_reason.items() if n},
+                skip_examples={r: v for r, v in stats.examples.items() if v})
+
+
+def _restore(stats: SkipStats, entry: dict) -> None:
+    """Add a finished unit's counts (from index.json) to the run's stats."""
+    vector = [entry["count"]] + [entry.get("skipped_by_reason", {}).get(r, 0) for r in stats.by_reason]
+    stats.add_vector(vector)
+    stats.add_examples(entry.get("skip_examples", {}))
+
+
 def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progress: bool = True) -> Path:
     """Build (or finish, or reuse) the cache for ``cfg``; returns its folder ``cfg.out/<key>``.
 
     ``encoders`` defaults to ``load_encoders(cfg.model, cfg.vae, cfg.encode_dtype, cfg.device)``;
-    pass them to reuse loaded models (they are then identified by ``encoders.name``)."""
-    units, listing, skipped = _units(cfg)
+    pass them to reuse loaded models (they are then identified by ``encoders.name``). The data is
+    listed and checked (``odecm.cli.InputError``) before any folder is made or any model loads; too
+    many skipped samples stop the build with ``TooManySkipsError`` (module docstring)."""
+    source = _source(cfg)
+    stats = SkipStats(cfg.max_skip_fraction, source.total, key="max_skip_fraction")
+    stats.extend(source.listing_skips)
+    stats.check()  # a listing that is mostly bad rows stops here
     name = encoders.name if encoders is not None else json.dumps(
         dict(model=_model_id(cfg.model), vae=_model_id(cfg.vae) if cfg.vae else None, dtype=cfg.encode_dtype))
-    key = cache_key(cfg, name, listing)
+    key = cache_key(cfg, name, source.listing)
     folder = Path(cfg.out) / key
     index_path = folder / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
@@ -243,105 +286,62 @@ def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progre
     folder.mkdir(parents=True, exist_ok=True)
     if index is None or index.get("key") != key:
         index = dict(key=key, version=FORMAT_VERSION, complete=False, model=name, latents="posterior_mean_std",
-                     config=cfg.model_dump(), num_units=len(units), shards={}, num_samples=0, skipped=0)
+                     config=cfg.model_dump(), num_units=len(source.units), shards={}, num_samples=0, skipped=0)
+    for entry in index["shards"].values():
+        _restore(stats, entry)
     if encoders is None:
         encoders = load_encoders(cfg.model, cfg.vae, cfg.encode_dtype, cfg.device)
     index["scaling_factor"] = float(encoders.vae.config.scaling_factor)
     index["shift_factor"] = getattr(encoders.vae.config, "shift_factor", None)
     from tqdm.auto import tqdm
 
-    for number, unit in enumerate(tqdm(units, desc="latent cache", disable=not progress)):
+    t0, encoded = time.perf_counter(), 0
+    for number, unit in enumerate(tqdm(source.units, desc="latent cache", disable=not progress)):
         file = f"shard-{number:05d}.safetensors"
         done = index["shards"].get(file)
         if done is not None and (done["count"] == 0 or (folder / file).is_file()):
             continue
-        before = skipped()
-        tensors, captions, names = _encode_unit(unit, encoders, cfg)
+        unit_stats, started = SkipStats(), time.perf_counter()
+        tensors, captions, names = _encode_unit(unit, encoders, cfg, unit_stats)
         if tensors:
             tmp = folder / (file + ".tmp")
             save_file(tensors, str(tmp), metadata=dict(captions=json.dumps(captions), names=json.dumps(names),
                                                       source=unit.name))
             os.replace(tmp, folder / file)
-        index["shards"][file] = dict(count=len(captions), skipped=skipped() - before, source=unit.name)
+        index["shards"][file] = dict(count=len(captions), source=unit.name, **_unit_record(unit_stats))
         _write_json(index_path, index)
+        encoded += len(captions)
+        stats.merge(unit_stats)
+        _append_log(folder, dict(event="unit", shard=file, source=unit.name, count=len(captions),
+                                 seconds=time.perf_counter() - started, **stats.step_fields(
+                                     {r: n for r, n in unit_stats.by_reason.items() if n})))
+        try:
+            stats.check(final=number == len(source.units) - 1)
+        except TooManySkipsError as err:
+            _finish(folder, stats, index, "stopped_too_many_skips", time.perf_counter() - t0, encoded, str(err))
+            raise
+    stats.check(final=True)  # also when every unit was already done
     index["num_samples"] = sum(s["count"] for s in index["shards"].values())
-    index["skipped"] = sum(s["skipped"] for s in index["shards"].values())
+    index["skipped"] = stats.count
+    index["skipped_by_reason"] = dict(stats.by_reason)
     index["complete"] = True
     _write_json(index_path, index)
-    log.info("latent cache %s: %d samples, %d skipped", folder, index["num_samples"], index["skipped"])
+    _finish(folder, stats, index, "complete", time.perf_counter() - t0, encoded)
+    log.info("latent cache %s: %d samples, %s", folder, index["num_samples"], stats.describe())
     return folder
 
 
-# ----------------------------------------------------------------------------------------------------
-# reading
-
-
-class CachedLatentDataset(Dataset):
-    """Map-style dataset over a finished cache folder (``build_cache``'s return value).
-
-    ``dataset[i]`` -> dict(latent_mean, latent_std, prompt_embeds, text_embeds, time_ids (float32),
-    original_size, crop_top_left, caption, index). Tensors are read lazily from the safetensors
-    shards (memory-mapped); works with ``sdxl.data.ShardedSampler`` and DataLoader workers. Draw a
-    latent with ``sample_latents(batch, generator)``; ``cond(batch)`` is the teacher's cond dict.
-    """
-
-    def __init__(self, folder: str | Path, dtype: torch.dtype | str = torch.float32):
-        self.folder = Path(folder)
-        self.index = json.loads((self.folder / "index.json").read_text())
-        if not self.index.get("complete"):
-            raise ValueError(f"latent cache {self.folder} is incomplete; rerun python -m sdxl.latent_cache")
-        self.dtype = resolve_dtype(dtype)
-        self.files = [f for f, s in sorted(self.index["shards"].items()) if s["count"] > 0]
-        counts = [self.index["shards"][f]["count"] for f in self.files]
-        self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
-        self.captions = []
-        for file in self.files:
-            with safe_open(str(self.folder / file), "pt") as handle:
-                self.captions += json.loads(handle.metadata()["captions"])
-        self._handles: dict = {}
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getstate__(self):  # open file handles stay in their process
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
-
-    def _locate(self, i: int) -> tuple[str, int]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        lo, hi = 0, len(self.files) - 1
-        while lo < hi:  # last shard whose offset <= i
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.offsets[mid] <= i else (lo, mid - 1)
-        return self.files[lo], i - self.offsets[lo]
-
-    def __getitem__(self, key) -> dict:
-        i = int(key[0] if isinstance(key, tuple) else key)
-        file, row = self._locate(i)
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), "pt")
-        handle = self._handles[file]
-        item = {k: handle.get_slice(k)[row] for k in TENSOR_KEYS}
-        for k in ("latent_mean", "latent_std", "prompt_embeds", "text_embeds", "time_ids"):
-            item[k] = item[k].to(self.dtype)
-        item["caption"], item["index"] = self.captions[i], i
-        return item
-
-
-def collate_cached(items: Sequence[dict]) -> dict:
-    """Stack cached items; captions and indices as lists."""
-    batch = {k: torch.stack([it[k] for it in items]) for k in TENSOR_KEYS}
-    batch["caption"] = [it["caption"] for it in items]
-    batch["index"] = [it["index"] for it in items]
-    return batch
-
-
-def cond(batch: dict, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> dict:
-    """The teacher/student conditioning dict (prompt_embeds, text_embeds, time_ids) of a cached batch."""
-    out = {k: batch[k] for k in ("prompt_embeds", "text_embeds", "time_ids")}
-    return {k: v.to(device=device, dtype=dtype) for k, v in out.items()}
+def _finish(folder: Path, stats: SkipStats, index: dict, status: str, seconds: float, encoded: int,
+            error: str | None = None) -> None:
+    """metrics.json (totals and skip counts) and the closing log.jsonl line."""
+    metrics = dict(status=status, cache=str(folder), num_samples=sum(s["count"] for s in index["shards"].values()),
+                   units_done=len(index["shards"]), num_units=index["num_units"], encoded_this_run=encoded,
+                   seconds=seconds, samples_per_second=encoded / seconds if seconds > 0 else None, **stats.summary())
+    if error:
+        metrics["error"] = error
+    _write_json(folder / "metrics.json", metrics)
+    _append_log(folder, dict(event=status, **{k: metrics[k] for k in ("num_samples", "skipped", "skip_fraction")},
+                             skipped_by_reason={r: n for r, n in stats.by_reason.items() if n}))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -353,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder = build_cache(cfg)
     index = json.loads((folder / "index.json").read_text())
-    print(f"latent cache: {folder} ({index['num_samples']} samples, {index['skipped']} skipped)")
+    reasons = ", ".join(f"{r} {n}" for r, n in index.get("skipped_by_reason", {}).items() if n)
+    print(f"latent cache: {folder} ({index['num_samples']} samples, {index['skipped']} skipped"
+          + (f": {reasons}" if reasons else "") + ")")
     return folder
 
 

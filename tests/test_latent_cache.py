@@ -1,7 +1,9 @@
 """sdxl.latent_cache on the tiny SDXL pipeline: cached values equal direct VAE / text-encoder calls,
-reuse, resume, key sensitivity, webdataset sources, reading with workers, the CLI."""
+reuse, resume, key sensitivity, webdataset sources, reading with workers, skip counts in index.json /
+metrics.json / log.jsonl, the skip-share limit, the CLI and its checks at the door."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,7 +14,9 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("diffusers")
 
-from sdxl.data import ImageCaptionDataset, ShardedSampler, list_folder, make_synthetic_dataset, write_shards  # noqa: E402
+from odecm.cli import add_config_args, config_from_args, run_main  # noqa: E402
+from sdxl.data import (REASONS, ImageCaptionDataset, ShardedSampler, TooManySkipsError, list_folder,  # noqa: E402
+                       make_synthetic_dataset, write_shards)
 from sdxl.latent_cache import (  # noqa: E402
     CachedLatentDataset,
     Encoders,
@@ -26,6 +30,10 @@ from sdxl.latent_cache import (  # noqa: E402
 from sdxl.teacher import encode_latents, load_sdxl, make_time_ids  # noqa: E402
 
 RES = 32  # tiny VAE: 32 px -> 16 x 16 latents
+
+
+def parse(argv):
+    return add_config_args(argparse.ArgumentParser()).parse_args(argv)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +83,7 @@ def built(parts, data_dir, tmp_path_factory):
 
 def _config(data, out, **kw):
     base = dict(data=str(data), out=str(out), model="tiny", resolution=RES, shard_size=4, batch_size=3,
-                store_dtype="fp32", device="cpu")
+                store_dtype="fp32", device="cpu", max_skip_fraction=0.3)  # data_dir: 2 of 11 files are corrupt
     return LatentCacheConfig(**{**base, **kw})
 
 
@@ -139,7 +147,57 @@ def test_resume_skips_finished_shards(parts, data_dir, built, tmp_path):
     again = collate_cached([CachedLatentDataset(folder)[i] for i in range(9)])
     for key in ("latent_mean", "prompt_embeds", "time_ids"):
         torch.testing.assert_close(again[key], full[key])
-    assert json.loads((folder / "index.json").read_text())["skipped"] == 2
+    index = json.loads((folder / "index.json").read_text())
+    assert index["skipped"] == 2 and index["skipped_by_reason"]["unreadable_image"] == 2
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["skipped"] == 2 and metrics["delivered"] == 9 and metrics["encoded_this_run"] == 4
+
+
+def test_skip_counts_in_index_metrics_and_log(data_dir, built):
+    folder = built[0]
+    index = json.loads((folder / "index.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert index["skipped_by_reason"] == {**dict.fromkeys(REASONS, 0), "unreadable_image": 2}
+    assert [s["skipped"] for s in index["shards"].values()] == [1, 0, 1]  # corrupt files at positions 1 and 10
+    assert metrics["status"] == "complete" and metrics["num_samples"] == 9 and metrics["seen"] == 11
+    assert metrics["skipped_by_reason"]["unreadable_image"] == 2 and metrics["skip_fraction"] == pytest.approx(2 / 11)
+    corrupt = [r.path for r in list_folder(data_dir) if r.caption.startswith("corrupt file")]
+    assert sorted(metrics["skip_examples"]["unreadable_image"]) == corrupt and len(corrupt) == 2
+    assert [e["event"] for e in log] == ["unit", "unit", "unit", "complete"]
+    assert [e["skipped"] for e in log[:3]] == [1, 0, 1] and log[2]["skipped_total"] == 2
+    assert log[0]["skipped_unreadable_image"] == 1 and log[-1]["skipped_by_reason"] == {"unreadable_image": 2}
+
+
+def test_too_many_skips_stop_the_build(parts, data_dir, tmp_path, capsys):
+    cfg = _config(data_dir, tmp_path / "c", max_skip_fraction=0.1)  # 2 of 11 rows > 1.1
+    with pytest.raises(TooManySkipsError, match=r"max_skip_fraction=0.1: 2 of 11 rows skipped .*unreadable_image 2"):
+        build_cache(cfg, CountingEncoders(parts), progress=False)
+    folder = next((tmp_path / "c").iterdir())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "stopped_too_many_skips" and metrics["skipped_by_reason"]["unreadable_image"] == 2
+    assert not json.loads((folder / "index.json").read_text())["complete"]
+    # from the command line: one error line, exit status 2
+    argv = ["--set", f"data={data_dir}", f"out={tmp_path / 'cli'}", "model=tiny", "device=cpu",
+            f"resolution={RES}", "max_skip_fraction=0.1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda a: build_cache(config_from_args(LatentCacheConfig, parse(a)), CountingEncoders(parts),
+                                       progress=False), argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: max_skip_fraction=0.1: 2 of 11")
+
+
+def test_truncated_shard_is_counted(parts, data_dir, tmp_path):
+    good = [r for r in list_folder(data_dir) if not r.caption.startswith("corrupt file")][:6]
+    shards = write_shards(good, tmp_path / "tars", per_shard=3)
+    data = open(shards[1], "rb").read()
+    open(shards[1], "wb").write(data[:len(data) // 2])
+    folder = build_cache(_config(tmp_path / "tars", tmp_path / "c", max_skip_fraction=0.5), CountingEncoders(parts),
+                         progress=False)
+    index = json.loads((folder / "index.json").read_text())
+    assert index["skipped_by_reason"]["truncated_shard"] == 1 and index["skipped"] == 1
+    assert 3 <= index["num_samples"] < 6
+    assert json.loads((folder / "metrics.json").read_text())["skipped_by_reason"]["truncated_shard"] == 1
 
 
 def test_key_depends_on_settings_and_listing(parts, tmp_path):
@@ -189,8 +247,29 @@ def test_cli_end_to_end(tiny_sdxl_dir, tmp_path, capsys):
     argv = ["--set", f"data={data / 'metadata.jsonl'}", f"model={tiny_sdxl_dir}", f"out={tmp_path / 'c'}",
             f"resolution={RES}", "device=cpu", "batch_size=2"]
     folder = main(argv)
-    assert "3 samples, 0 skipped" in capsys.readouterr().out
+    assert "3 samples, 0 skipped)" in capsys.readouterr().out
     assert CachedLatentDataset(folder)[2]["prompt_embeds"].shape == (77, 64)
     assert main(argv) == folder
     with pytest.raises(Exception, match="crop"):
         main(argv + ["--set", "crop=middle"])
+
+
+def test_cli_checks_at_the_door(tmp_path, capsys):
+    """Errors name the key and value, before any model loads (model=... does not exist) or any folder is made."""
+    out = tmp_path / "c"
+
+    def error(*settings):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, ["--set", f"out={out}", "model=no/such-model", "device=cpu", *settings])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and not out.exists()
+        return lines[0]
+
+    assert error(f"data={tmp_path / 'nowhere'}") == f"error: data='{tmp_path / 'nowhere'}': no such file or folder"
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    assert "unknown file extension '.parquet'" in error(f"data={tmp_path / 'x.parquet'}")
+    make_synthetic_dataset(tmp_path / "d", 2, size=16, seed=0)
+    (tmp_path / "d" / "img_00000.txt").unlink()
+    line = error(f"data={tmp_path / 'd'}")
+    assert "img_00000.png (no img_00000.txt)" in line and "set allow_empty_captions=true" in line
+    assert "background" in error(f"data={tmp_path / 'd'}", "background=[0,0,300]")
