@@ -14,9 +14,15 @@ within each precompute batch), ``x_{t_n} = alpha x_0 + sigma eps``, and the endp
 
 Randomness of batch ``b`` comes from a generator seeded by ``(distill.seed, b)``, so the stored
 targets do not depend on the number of processes (``accelerate launch`` splits batches over ranks,
-rank r taking batches b = r, r + W, ...). A rerun skips finished shards. Training with
-``data.source=targets`` draws nothing: the same (x_tn, n, endpoint) pairs are reused every epoch,
-which is the difference between scheme (c) and online Direct CD.
+rank r taking batches b = r, r + W, ...). A rerun skips finished shards; the folder's
+``precompute_config.json`` records what the targets depend on, and a rerun with another teacher,
+solver, grid, seed or data into the same folder is refused (folders never mix). ``index.json`` names
+the solver, grid, indexing and teacher, and ``sdxl.train`` refuses targets that do not match its
+config. Training with ``data.source=targets`` draws nothing: the same (x_tn, n, endpoint) pairs are
+reused every epoch, which is the difference between scheme (c) and online Direct CD.
+
+Config checks (``sdxl.checks``, e.g. ``distill.method`` must be ``direct_cd``) run before any model
+loads or any folder is made.
 """
 from __future__ import annotations
 
@@ -27,107 +33,81 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.utils.data import Dataset
 
+from odecm.cli import InputError, add_config_args, overrides_from, run_main
+from odecm.config import config_to_dict
 from odecm.objectives import DirectCDTarget, add_noise, draw_indices
+from odecm.runs import diff_configs
 
-__all__ = ["TargetDataset", "collate_targets", "precompute", "main", "TARGET_KEYS"]
+from .batches import TARGET_KEYS, TargetDataset, batch_cond, batch_posterior, collate_targets, source_dataset
+from .build import apply_speed_options, build_teacher_side, make_accelerator, resolve_pretrained
+from .checks import check_config
+from .teacher import load_sdxl, resolve_dtype
+from .train_config import SDXLTrainConfig, load_train_config
 
-TARGET_KEYS = ("x_tn", "n", "target", "prompt_embeds", "text_embeds", "time_ids")
+__all__ = ["TargetDataset", "collate_targets", "precompute", "targets_folder", "main", "TARGET_KEYS"]
 
-
-class TargetDataset(Dataset):
-    """Map-style dataset over a finished ``precompute_targets`` folder: ``ds[i]`` -> dict of
-    ``TARGET_KEYS`` tensors (float32; ``n`` int64) and ``index``."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        index_file = self.folder / "index.json"
-        if not index_file.exists():
-            raise FileNotFoundError(f"{self.folder} holds no index.json: run python -m sdxl.precompute_targets first")
-        self.index = json.loads(index_file.read_text())
-        if not self.index.get("complete"):
-            raise ValueError(f"precomputed targets in {self.folder} are incomplete; rerun python -m sdxl.precompute_targets")
-        self.files = sorted(self.index["shards"])
-        counts = [self.index["shards"][f] for f in self.files]
-        self.offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
-        self._handles: dict = {}
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getstate__(self):
-        return {**self.__dict__, "_handles": {}}
-
-    def __getitem__(self, key) -> dict:
-        i = int(key[0] if isinstance(key, tuple) else key)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        s = max(j for j in range(len(self.files)) if self.offsets[j] <= i)
-        file = self.files[s]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), "pt")
-        h = self._handles[file]
-        row = i - self.offsets[s]
-        item = {k: h.get_slice(k)[row] for k in TARGET_KEYS}
-        item = {k: (v.long() if k == "n" else v.float()) for k, v in item.items()}
-        item["index"] = i
-        return item
+CONFIG_FILE = "precompute_config.json"
 
 
-def collate_targets(items: Sequence[dict]) -> dict:
-    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in TARGET_KEYS}
-    batch["index"] = [it["index"] for it in items]
-    return batch
+def targets_folder(cfg: SDXLTrainConfig) -> Path:
+    """``precompute.out``, or ``<out_dir>/targets``."""
+    return Path(cfg.precompute.out or Path(cfg.out_dir) / "targets")
 
 
-def precompute(cfg, accelerator=None, progress: bool = True) -> Path:
+def _defining(cfg: SDXLTrainConfig) -> dict:
+    """What the stored targets depend on (a rerun may change anything else, e.g. worker counts)."""
+    c = config_to_dict(cfg)
+    data = {k: v for k, v in c["data"].items() if k not in ("num_workers", "vae_batch_size")}
+    return {"model": c["model"], "teacher": c["teacher"], "data": data, "precompute": c["precompute"],
+            "distill": {k: c["distill"][k] for k in ("method", "solver", "grid_size", "grid", "index_scheme",
+                                                     "mask_mode", "seed")}}
+
+
+def _check_folder(out: Path, cfg: SDXLTrainConfig) -> None:
+    """A rerun into ``out`` must have been started with the same defining config."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    key = "precompute.out" if cfg.precompute.out else "out_dir"
+    stored = out / CONFIG_FILE
+    if not stored.exists():
+        raise InputError(f"{key}: {str(out)!r} is not empty and holds no {CONFIG_FILE} (not a precompute_targets "
+                         "folder); allowed: a new or empty folder, or the folder of an earlier run of this config")
+    diffs = diff_configs(json.loads(stored.read_text()), _defining(cfg))
+    if diffs:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:6])
+        raise InputError(f"{key}: {str(out)!r} holds targets of another config ({lines}); allowed: a new folder "
+                         "(targets of two configs never mix)")
+
+
+def precompute(cfg: SDXLTrainConfig, accelerator=None, progress: bool = True) -> Path:
     """Compute and store Direct CD targets for every example of ``cfg.data`` (see module docstring)."""
     from tqdm.auto import tqdm
 
-    from .train import apply_speed_options, batch_cond, batch_posterior, batch_source, make_accelerator, resolve_pretrained
-    from .train_config import SDXLTrainConfig
-    from .teacher import load_sdxl, make_teacher, resolve_dtype, schedule_from_scheduler_config
-    from odecm.grids import make_grid
-    from odecm.solvers import get_solver
-
-    assert isinstance(cfg, SDXLTrainConfig)
-    if cfg.data.source == "targets":
-        raise ValueError("data.source='targets' is the output of this command; point data at images or a latent cache")
     acc = accelerator or make_accelerator(cfg)
-    out = Path(cfg.precompute.out or Path(cfg.out_dir) / "targets")
+    check_config(cfg, acc.num_processes, command="precompute")
+    out = targets_folder(cfg)
+    _check_folder(out, cfg)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(_defining(cfg), indent=2))
+    pretrained = resolve_pretrained(cfg, acc)
     src = cfg.data.source
-    need_text = src in ("images", "synthetic") or cfg.teacher.uncond == "empty"
-    parts = load_sdxl(resolve_pretrained(cfg, acc), vae=cfg.model.vae, dtype=cfg.model.dtype,
-                      vae_dtype=cfg.model.vae_dtype, device=acc.device, text_encoders=need_text,
+    parts = load_sdxl(pretrained, vae=cfg.model.vae, dtype=cfg.model.dtype, vae_dtype=cfg.model.vae_dtype,
+                      device=acc.device, text_encoders=src in ("images", "synthetic") or cfg.teacher.uncond == "empty",
                       load_vae=src in ("images", "synthetic"), variant=cfg.model.variant, revision=cfg.model.revision)
     apply_speed_options(parts.unet, cfg, trainable=False)
-    schedule = schedule_from_scheduler_config(parts.scheduler_config, cfg.model.timestep_offset)
-    empty = parts.prompt_encoder()([""]) if cfg.teacher.uncond == "empty" else None
-    teacher = make_teacher(parts.unet, schedule, cfg.teacher.guidance_scale, cfg.teacher.cfg_convention,
-                           cfg.teacher.uncond, empty_embeddings=empty,
-                           prediction_type=parts.scheduler_config.get("prediction_type", "epsilon"))
-    grid = make_grid(cfg.distill.grid, schedule, cfg.distill.grid_size)
-    provider = DirectCDTarget(teacher, get_solver(cfg.distill.solver), grid, mask_mode=cfg.distill.mask_mode)
+    side = build_teacher_side(cfg, parts, parts.unet, base_model=False)
+    schedule, grid = side.schedule, side.grid
+    provider = DirectCDTarget(side.teacher, side.solver, grid, mask_mode=cfg.distill.mask_mode)
 
-    # dataset in fixed order (no shuffling); the same loaders as training
-    class _Shim:  # batch_source needs process info only
-        process_index, num_processes, is_main_process = 0, 1, acc.is_main_process
-
-        @staticmethod
-        def wait_for_everyone():
-            acc.wait_for_everyone()
-
-    loader = batch_source(cfg, parts, _Shim())
-    dataset, collate = loader.dataset, loader.collate
+    dataset, collate, _ = source_dataset(cfg, acc)  # fixed dataset order, the loaders training uses
     P = cfg.precompute
     store_dtype = resolve_dtype(P.dtype)
     num_batches = (len(dataset) + P.batch_size - 1) // P.batch_size
     per_shard = max(1, P.shard_size // (P.batch_size * P.targets_per_example))
     num_shards = (num_batches + per_shard - 1) // per_shard
-    out.mkdir(parents=True, exist_ok=True)
     mine = [s for s in range(num_shards) if s % acc.num_processes == acc.process_index]
     get = getattr(dataset, "try_get", dataset.__getitem__)
     t0, calls = time.perf_counter(), 0
@@ -157,8 +137,7 @@ def precompute(cfg, accelerator=None, progress: bool = True) -> Path:
                 vae_eps = torch.randn(mean.shape, generator=gen)
                 noise = torch.randn(mean.shape, generator=gen)
                 x0 = mean.float().cpu() + (std.float().cpu() * vae_eps if cfg.data.vae_sample else 0.0)
-                t_n = grid[n].float()
-                x_tn = add_noise(schedule, x0, t_n, noise).to(acc.device)
+                x_tn = add_noise(schedule, x0, grid[n].float(), noise).to(acc.device)
                 with acc.autocast():
                     res = provider(x_tn, n.to(acc.device), cond)
                 calls += res.calls
@@ -167,40 +146,48 @@ def precompute(cfg, accelerator=None, progress: bool = True) -> Path:
                 rows["target"].append(res.value.float().cpu().to(store_dtype))
                 for k in ("prompt_embeds", "text_embeds", "time_ids"):
                     rows[k].append(cond[k].float().cpu().to(store_dtype if k != "time_ids" else torch.float32))
-        if rows["n"]:
-            tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
-        else:  # every image of this shard was unreadable
-            tensors = {"n": torch.zeros(0, dtype=torch.long)}
-        tmp = out / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata={"count": str(tensors["n"].shape[0]), "skipped": str(skipped)})
-        tmp.rename(out / name)
+        _write_shard(out, name, rows, skipped)
         bar.update(1)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        shards, skipped_total = {}, 0
-        for s in range(num_shards):
-            name = f"targets-{s:05d}.safetensors"
-            with safe_open(str(out / name), "pt") as fh:
-                shards[name] = int(fh.metadata()["count"])
-                skipped_total += int(fh.metadata().get("skipped", 0))
-        index = {"complete": True, "shards": shards, "num_examples": len(dataset) - skipped_total,
-                 "skipped_unreadable": skipped_total,
-                 "targets_per_example": P.targets_per_example, "solver": cfg.distill.solver,
-                 "grid_size": cfg.distill.grid_size, "mask_mode": cfg.distill.mask_mode,
-                 "guidance_scale": cfg.teacher.guidance_scale, "cfg_convention": cfg.teacher.cfg_convention,
-                 "uncond": cfg.teacher.uncond, "model": cfg.model.pretrained, "seed": cfg.distill.seed,
-                 "seconds": time.perf_counter() - t0, "teacher_calls_rank0": calls}
-        (out / "index.json").write_text(json.dumps(index, indent=2))
+        _write_index(out, cfg, num_shards, len(dataset), time.perf_counter() - t0, calls)
     acc.wait_for_everyone()
     return out
 
 
+def _write_shard(out: Path, name: str, rows: dict[str, list], skipped: int) -> None:
+    from safetensors.torch import save_file
+
+    if rows["n"]:
+        tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
+    else:  # every image of this shard was unreadable
+        tensors = {"n": torch.zeros(0, dtype=torch.long)}
+    tmp = out / f".{name}.tmp"
+    save_file(tensors, str(tmp), metadata={"count": str(tensors["n"].shape[0]), "skipped": str(skipped)})
+    tmp.rename(out / name)
+
+
+def _write_index(out: Path, cfg: SDXLTrainConfig, num_shards: int, num_rows: int, seconds: float, calls: int) -> None:
+    from safetensors import safe_open
+
+    shards, skipped_total = {}, 0
+    for s in range(num_shards):
+        name = f"targets-{s:05d}.safetensors"
+        with safe_open(str(out / name), "pt") as fh:
+            shards[name] = int(fh.metadata()["count"])
+            skipped_total += int(fh.metadata().get("skipped", 0))
+    index = {"complete": True, "shards": shards, "num_examples": num_rows - skipped_total,
+             "skipped_unreadable": skipped_total, "targets_per_example": cfg.precompute.targets_per_example,
+             "solver": cfg.distill.solver, "grid_size": cfg.distill.grid_size, "grid": cfg.distill.grid,
+             "timestep_offset": cfg.model.timestep_offset, "mask_mode": cfg.distill.mask_mode,
+             "guidance_scale": cfg.teacher.guidance_scale, "cfg_convention": cfg.teacher.cfg_convention,
+             "uncond": cfg.teacher.uncond, "model": cfg.model.pretrained, "seed": cfg.distill.seed,
+             "seconds": seconds, "teacher_calls_rank0": calls}
+    (out / "index.json").write_text(json.dumps(index, indent=2))
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    from .train_config import load_train_config
-
-    from odecm.cli import add_config_args, overrides_from
-
     p = add_config_args(argparse.ArgumentParser(prog="python -m sdxl.precompute_targets",
                                                 description="store Direct CD targets once"))
     args = p.parse_args(argv)
@@ -211,6 +198,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from odecm.cli import run_main
-
     run_main(main)

@@ -8,14 +8,15 @@ Two kinds:
 
 * ``"lora"`` (the paper, LCM-LoRA): peft LoRA adapters on the teacher's UNet
   (``unet.add_adapter(LoraConfig(r, lora_alpha, target_modules))``). The teacher is the *same*
-  UNet with adapters disabled (``sdxl.teacher.adapters_disabled``): one copy of the weights.
+  UNet with adapters off (``sdxl.teacher.AdapterSwitch``, switched lazily): one copy of the weights.
   LoRA weights are kept in fp32 while the frozen base can be bf16/fp16.
 * ``"full"``: a trainable copy of the whole UNet (the teacher keeps its own frozen copy),
   optionally guidance-conditioned through a ``w`` embedding (``time_cond_proj_dim``; LCM's
   sinusoidal embedding of ``w``, fed as ``timestep_cond``).
 
 Saving: ``save_lora`` writes diffusers' LoRA format, so a stock ``StableDiffusionXLPipeline`` +
-``load_lora_weights`` + ``LCMScheduler`` samples from the student (``load_student_pipeline``).
+``load_lora_weights`` + ``LCMScheduler`` samples from the student (``load_student_pipeline``, which
+sets ``original_inference_steps`` to the training grid size from ``odecm_student.json``).
 ``load_student`` rebuilds the odecm consistency function from a saved run (for ODE-error work).
 """
 from __future__ import annotations
@@ -46,6 +47,9 @@ __all__ = [
     "SDXLStudent",
     "load_student",
     "load_student_pipeline",
+    "write_student_info",
+    "read_student_info",
+    "STUDENT_INFO",
 ]
 
 #: The paper's / LCM-LoRA's LoRA targets: attention, feed-forward, resnet convs, up/down-sampler
@@ -234,6 +238,43 @@ def load_student(
                        w_embedding_dim=w_dim)
 
 
+#: file next to a saved student describing how it was trained (``write_student_info``)
+STUDENT_INFO = "odecm_student.json"
+
+
+def write_student_info(folder: str | Path, cfg) -> Path:
+    """``folder/odecm_student.json``: the training facts a sampler needs (grid size N, timestep indexing,
+    boundary scalings, student kind, method, solver) from a ``SDXLTrainConfig``."""
+    info = {"grid_size": cfg.distill.grid_size, "grid": cfg.distill.grid, "timestep_offset": cfg.model.timestep_offset,
+            "kind": cfg.student.kind, "sigma_data": cfg.student.sigma_data,
+            "timestep_scaling": cfg.student.timestep_scaling, "method": cfg.distill.method, "solver": cfg.distill.solver,
+            "guidance_scale": cfg.teacher.guidance_scale, "cfg_convention": cfg.teacher.cfg_convention,
+            "model": cfg.model.pretrained}
+    path = Path(folder) / STUDENT_INFO
+    path.write_text(json.dumps(info, indent=2))
+    return path
+
+
+def read_student_info(weights: str | Path | None) -> dict:
+    """The ``odecm_student.json`` next to a saved student (in its folder, or its run folder's
+    ``config.json``), or {} when there is none."""
+    if weights is None:
+        return {}
+    folder = Path(weights)
+    folder = folder.parent if folder.is_file() else folder
+    for candidate in (folder / STUDENT_INFO, folder.parent / STUDENT_INFO):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    run_config = folder.parent / "config.json"
+    if run_config.exists():
+        c = json.loads(run_config.read_text())
+        try:
+            return {"grid_size": c["distill"]["grid_size"], "timestep_offset": c["model"]["timestep_offset"]}
+        except (KeyError, TypeError):
+            return {}
+    return {}
+
+
 def load_student_pipeline(
     model: str = SDXL_BASE,
     lora: str | Path | None = None,
@@ -242,15 +283,33 @@ def load_student_pipeline(
     dtype: str | torch.dtype = "fp32",
     device: str | torch.device = "cpu",
     scheduler: Literal["lcm", "keep"] = "lcm",
+    original_inference_steps: int | None = None,
+    timestep_offset: int | None = None,
 ):
     """A stock ``StableDiffusionXLPipeline`` sampling from the student.
 
     ``lora``: folder from ``save_lora`` (loaded with ``load_lora_weights``); ``unet``: a full
     student's ``unet/`` folder. ``scheduler="lcm"`` installs ``LCMScheduler.from_config`` (k-step
-    consistency sampling). Use ``guidance_scale=1`` (or 0) when calling it: the paper's student is
-    not w-conditioned and the teacher's guidance is distilled in."""
+    consistency sampling) with ``original_inference_steps`` = the training grid size N (read from the
+    saved student's ``odecm_student.json`` unless given; diffusers' default is 50). With N = 100,
+    k = 4 samples at [999, 749, 499, 249], the training grid's points; with 50 it would be
+    [999, 759, 499, 259], two of them off the grid.
+
+    A student trained with the paper's indexing (``timestep_offset=1``: the UNet saw t_n = 10 n) gets a
+    warning: diffusers' timesteps are one below (999 for the paper's 1000), so a stock pipeline runs
+    such a student one index early (use ``sdxl.sample`` for exact paper-indexed sampling).
+
+    Use ``guidance_scale=1`` (or 0) when calling it: the paper's student is not w-conditioned and the
+    teacher's guidance is distilled in."""
+    import warnings
+
     from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
+    info = read_student_info(lora if lora is not None else (Path(unet).parent if unet is not None else None))
+    if original_inference_steps is None:
+        original_inference_steps = info.get("grid_size")
+    if timestep_offset is None:
+        timestep_offset = info.get("timestep_offset", 0)
     dt = resolve_dtype(dtype)
     kw: dict[str, Any] = {"torch_dtype": dt}
     if vae is not None:
@@ -261,7 +320,13 @@ def load_student_pipeline(
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     if scheduler == "lcm":
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        extra = {"original_inference_steps": int(original_inference_steps)} if original_inference_steps else {}
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **extra)
+        if timestep_offset:
+            warnings.warn(f"this student was trained with the paper's timestep indexing (timestep_offset="
+                          f"{timestep_offset}): the UNet saw t_n = T n / N, and diffusers' LCMScheduler feeds it "
+                          f"timesteps {timestep_offset} below (999 for 1000), one index early; use sdxl.sample for "
+                          "paper-indexed sampling", stacklevel=2)
     elif scheduler != "keep":
         raise ValueError(f"scheduler={scheduler!r}; allowed: 'lcm', 'keep'")
     return pipe.to(device)

@@ -48,6 +48,8 @@ __all__ = [
     "make_time_ids",
     "UNetModel",
     "adapters_disabled",
+    "AdapterSwitch",
+    "adapter_switch",
     "sdxl_denoiser",
     "uncond_zeros",
     "uncond_from_embeddings",
@@ -210,7 +212,9 @@ class PromptEncoder(nn.Module):
 # --------------------------------------------------------------------------- denoiser
 @contextlib.contextmanager
 def adapters_disabled(unet: nn.Module, enabled: bool = True):
-    """Within the block, a peft-adapted UNet runs as the base model (the teacher)."""
+    """Within the block, a peft-adapted UNet runs as the base model (diffusers' ``disable_adapters`` /
+    ``enable_adapters``: a walk over every module, ~0.1 s per pair on SDXL; ``AdapterSwitch`` is the
+    cheap, lazy form the denoisers use)."""
     if not enabled or not getattr(unet, "_hf_peft_config_loaded", False):
         yield
         return
@@ -221,13 +225,69 @@ def adapters_disabled(unet: nn.Module, enabled: bool = True):
         unet.enable_adapters()
 
 
+class AdapterSwitch:
+    """The on/off state of a peft-adapted UNet's LoRA layers, changed only when a call needs the other state.
+
+    The teacher (adapters off) and the LoRA student (adapters on) share one UNet. Each denoiser call
+    asks for its state (``set(enabled)``); nothing happens when the UNet is already in it. A CD or
+    Direct CD iteration runs its calls in phases (all teacher solver steps, then the target and the
+    student), so it costs one off/on pair per iteration instead of one pair per teacher call
+    (Direct CD at N = 100: ~94 -> 1). A switch writes one flag on each LoRA layer of a list made once
+    (788 layers on SDXL), without diffusers' walk over all 9,810 modules or peft's ``requires_grad``
+    updates (the teacher runs under no_grad). ``toggles`` counts state changes (an off/on pair is 2).
+
+    The student's state must be on whenever its graph is used: a gradient-checkpointed backward
+    re-runs the student's forward with the flags as they are then. ``sdxl.loss`` therefore leaves the
+    state on at the end of every loss evaluation (the student's own call already does)."""
+
+    def __init__(self, unet: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        states = {bool(layer.disable_adapters) for layer in self.layers}
+        if len(states) > 1:
+            raise ValueError("AdapterSwitch: the UNet's LoRA layers are partly disabled; enable or disable all first")
+        self.enabled = not states.pop() if states else True
+        self.toggles = 0
+        self._direct = all("_disable_adapters" in vars(layer) or hasattr(type(layer), "_disable_adapters")
+                           for layer in self.layers)
+
+    def set(self, enabled: bool) -> None:
+        """Put every LoRA layer in state ``enabled`` (no-op when it already is)."""
+        enabled = bool(enabled)
+        if enabled == self.enabled:
+            return
+        if self._direct:  # peft's flag, read by every LoRA forward (``BaseTunerLayer.disable_adapters``)
+            for layer in self.layers:
+                vars(layer)["_disable_adapters"] = not enabled
+            if self.layers and bool(self.layers[0].disable_adapters) == enabled:  # peft changed its internals
+                self._direct = False
+        if not self._direct:
+            for layer in self.layers:
+                layer.enable_adapters(enabled)
+        self.enabled = enabled
+        self.toggles += 1
+
+
+def adapter_switch(unet: nn.Module) -> AdapterSwitch | None:
+    """The UNet's ``AdapterSwitch`` (made on first use), or None for a UNet without peft adapters."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        return None
+    switch = unet.__dict__.get("_odecm_adapter_switch")
+    if switch is None:
+        switch = AdapterSwitch(unet)
+        unet.__dict__["_odecm_adapter_switch"] = switch
+    return switch
+
+
 class UNetModel(nn.Module):
     """``model(x, t, cond) -> unet output`` for odecm's adapters.
 
     Casts ``x`` and ``cond`` to the UNet's dtype, passes ``t`` as float32 timesteps, and returns the
-    output in ``x``'s dtype. ``base_model=True`` runs a peft-adapted UNet with adapters disabled
-    (the teacher inside a LoRA student); ``no_grad=True`` for frozen roles. ``timestep_cond`` (a
-    callable ``(t, cond) -> Tensor``) feeds UNets built with ``time_cond_proj_dim`` (w embedding)."""
+    output in ``x``'s dtype. On a peft-adapted UNet, ``base_model=True`` runs it with the adapters
+    off (the teacher inside a LoRA student) and ``base_model=False`` with them on (the student),
+    through the UNet's lazy ``AdapterSwitch``. ``no_grad=True`` for frozen roles. ``timestep_cond``
+    (a callable ``(t, cond) -> Tensor``) feeds UNets built with ``time_cond_proj_dim`` (w embedding)."""
 
     def __init__(self, unet: nn.Module, base_model: bool = False, no_grad: bool = False,
                  timestep_cond: Callable[[Tensor, Any], Tensor] | None = None):
@@ -238,7 +298,10 @@ class UNetModel(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         dtype = self.compute_dtype or self.unet.dtype
         grad = contextlib.nullcontext() if not self.no_grad else torch.no_grad()
-        with grad, adapters_disabled(self.unet, self.base_model):
+        switch = adapter_switch(self.unet)
+        if switch is not None:
+            switch.set(not self.base_model)
+        with grad:
             out = self.unet(
                 x.to(dtype),
                 t.to(torch.float32),

@@ -17,12 +17,15 @@ this folder. The architecture keeps SDXL's structure at toy width:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["SDXL_SCHEDULER_CONFIG", "TINY_SIZES", "build_tiny_sdxl", "tiny_sdxl_pipeline", "write_byte_tokenizer"]
+__all__ = ["SDXL_SCHEDULER_CONFIG", "TINY_SIZES", "build_tiny_sdxl", "cached_tiny_sdxl", "cache_dir", "tiny_sdxl_pipeline",
+           "write_byte_tokenizer"]
 
 #: SDXL base's scheduler fields (EulerDiscreteScheduler; DDIM/LCM read the same dict).
 SDXL_SCHEDULER_CONFIG = dict(
@@ -146,6 +149,38 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe = tiny_sdxl_pipeline(seed)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def cache_dir() -> Path:
+    """odecm's cache folder: ``$ODECM_CACHE``, else ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``."""
+    if os.environ.get("ODECM_CACHE"):
+        return Path(os.environ["ODECM_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "odecm"
+
+
+def cached_tiny_sdxl(seed: int = 0) -> Path:
+    """The folder of ``build_tiny_sdxl(seed)`` under ``cache_dir()``, built on first use.
+
+    The build draws from torch's global generator but restores its state afterwards, so whether a
+    run had to build the model or found it changes nothing that follows. Several processes may call
+    this at once: each builds into its own temporary folder and the first rename wins."""
+    folder = cache_dir() / f"tiny_sdxl_seed{int(seed)}"
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    state = torch.random.get_rng_state()
+    try:
+        build_tiny_sdxl(tmp / "pipeline", seed)
+        try:
+            os.replace(tmp / "pipeline", folder)
+        except OSError:  # another process finished first (the folder exists and is not empty)
+            if not (folder / "model_index.json").exists():
+                raise
+    finally:
+        torch.random.set_rng_state(state)
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -45,7 +45,7 @@ def _cfg(out, tiny_sdxl_dir, image_dir, *extra):
     """tiny_cpu with these test defaults; ``extra`` overrides replace defaults of the same key
     (a key given twice on one command line is an error)."""
     base = [f"out_dir={out}", f"model.pretrained={tiny_sdxl_dir}", "data.source=images", f"data.path={image_dir}",
-            "data.crop=random", "distill.checkpoint_every=2", "keep_checkpoints=3"]
+            "data.crop=random", "distill.checkpoint_every=2", "keep_checkpoints=3", "log_with=none"]
     given = {e.split("=", 1)[0] for e in extra}
     return load_train_config("tiny_cpu", [b for b in base if b.split("=", 1)[0] not in given] + list(extra))
 
@@ -84,7 +84,8 @@ def test_resume_latest_continues_exactly(cd_run, tmp_path, tiny_sdxl_dir, image_
     shutil.rmtree(resumed / "lora")
     cfg2 = _cfg(resumed, tiny_sdxl_dir, image_dir)
     metrics = train(cfg2, resume="latest")
-    assert metrics["resumed_from_step"] == 2 and metrics["steps_this_run"] == 1
+    assert metrics["this_segment"]["resumed_from_step"] == 2 and metrics["this_segment"]["steps"] == 1
+    assert metrics["steps"] == 3 and metrics["segments"] == 2  # the whole run, not the last segment
     a, b = _log(out), _log(resumed)
     assert [r["step"] for r in b] == [1, 2, 3]
     assert b[2]["loss"] == pytest.approx(a[2]["loss"], rel=1e-5)
@@ -190,15 +191,34 @@ def test_bad_config_key_is_named():
 @pytest.mark.parametrize("method", ["cd", "direct_cd"])
 @pytest.mark.parametrize("solver", ["ddim", "euler", "heun"])
 def test_paper_configs(method, solver):
+    """The six shipped paper runs: the paper's VP Euler / Heun (not EDM's, whose Euler is DDIM), the
+    paper's indexing and the hyperparameters of its scripts (weight decay 1e-2, fp16 + fp16-fix VAE, seed 24)."""
     cfg = load_train_config(CONFIG_DIR / f"{method}_{solver}.yaml")
     d = cfg.distill
+    paper_solver = {"ddim": "ddim", "euler": "euler_vp", "heun": "heun_vp"}[solver]
     assert (d.method, d.solver, d.grid_size, d.grid, d.distance, d.batch_size, d.train_steps) == (
-        method, solver, 100, "skip", "l2", 16, 250)
+        method, paper_solver, 100, "skip", "l2", 16, 250)
+    assert cfg.model.timestep_offset == 1 and d.seed == 24
     assert d.target.policy == "stopgrad" and d.optim.lr == 1e-4 and d.optim.name == "adamw8bit"
+    assert d.optim.weight_decay == 1e-2 and d.optim.grad_clip == 1.0 and d.optim.warmup_steps == 0
+    assert (cfg.speed.mixed_precision, cfg.model.dtype, cfg.model.vae, cfg.model.vae_dtype) == (
+        "fp16", "fp16", "madebyollin/sdxl-vae-fp16-fix", "fp16")
     assert (cfg.teacher.guidance_scale, cfg.teacher.cfg_convention, cfg.teacher.uncond) == (9.0, "imagen", "zeros")
     assert (cfg.student.kind, cfg.student.lora_rank, cfg.student.lora_alpha) == ("lora", 64, 64)
-    assert cfg.data.resolution == 1024 and cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.data.resolution == 1024 and cfg.data.crop == "random" and not cfg.data.flip
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert d.mask_mode == ("full" if method == "direct_cd" else "subset")
+
+
+def test_paper_solvers_differ_from_ddim():
+    """The six runs are six distinct solver x method pairs: no two paper configs name the same solver
+    for one method, and none of the Euler ones is the EDM Euler that equals DDIM."""
+    from odecm.solvers import get_solver
+
+    for method in ("cd", "direct_cd"):
+        solvers = [load_train_config(CONFIG_DIR / f"{method}_{s}.yaml").distill.solver for s in ("ddim", "euler", "heun")]
+        assert len(set(solvers)) == 3
+        assert all(get_solver(s).equivalent_to is None for s in solvers)
 
 
 def test_adamw8bit_without_bitsandbytes_says_so():
@@ -216,7 +236,8 @@ def test_adamw8bit_without_bitsandbytes_says_so():
 def test_full_student_with_w_embedding_and_ema_target(tmp_path, tiny_sdxl_dir, image_dir):
     """Full-UNet student (guidance-conditioned via a w embedding) with an EMA target: the EMA copy
     shares the frozen teacher UNet, starts equal to the student and lags behind it."""
-    from sdxl.train import build_run, make_loss_fn
+    from sdxl.build import build_run
+    from sdxl.loss import make_loss_fn
     from odecm.training import Trainer, TrainerConfig
 
     cfg = _cfg(tmp_path / "full", tiny_sdxl_dir, image_dir, "student.kind=full", "student.w_embedding_dim=16",
@@ -238,7 +259,7 @@ def test_full_student_with_w_embedding_and_ema_target(tmp_path, tiny_sdxl_dir, i
     name = "unet.conv_in.weight"
     before = dict(s.named_parameters())[name].detach().clone()
     trainer = Trainer(run.student_fn, run.optimizer, make_loss_fn(run), tmp_path / "full",
-                      TrainerConfig(steps=1, progress=False, grad_clip=None), target=run.target)
+                      TrainerConfig(train_steps=1, progress=False, grad_clip=None), target=run.target)
     trainer.run()
     after_student = dict(s.named_parameters())[name].detach()
     after_target = dict(run.target.module.named_parameters())[name].detach()
