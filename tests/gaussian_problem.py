@@ -13,6 +13,8 @@ from odecm.denoisers import Denoiser, broadcast_time
 
 
 class GaussianDenoiser(Denoiser):
+    finite_at_zero_noise = False  # predicts x0: eps = (x - alpha x0) / sigma is undefined at sigma = 0
+
     def __init__(self, schedule, mean, var):
         super().__init__(schedule)
         self.mean, self.var = mean, var

@@ -409,7 +409,14 @@ class GaussianMixture:
 class ExactGMMDenoiser(Denoiser):
     """The Bayes-optimal denoiser of a ``GaussianMixture``: ``x0_hat = E[x0 | x_t]``,
     ``eps_hat = -sigma grad log p_t`` (both computed directly, so ``eps_hat`` has no
-    ``(x - alpha x0_hat) / sigma`` cancellation at small sigma; they agree with ``from_x0``)."""
+    ``(x - alpha x0_hat) / sigma`` cancellation at small sigma; they agree with ``from_x0``).
+
+    ``finite_at_zero_noise = False``: at sigma = 0 its eps is exactly 0 (and undefined for empirical
+    mixtures), while the paper's UNet called at timestep 0 still sees the noise level
+    ``alphas_cumprod[0]``. So ``heun_vp``'s last corrector evaluates this teacher at the schedule's
+    smallest positive noise level, the closer analogue of the paper's call (and the more accurate one)."""
+
+    finite_at_zero_noise = False
 
     def __init__(self, gmm: GaussianMixture, schedule: NoiseSchedule):
         super().__init__(schedule)
