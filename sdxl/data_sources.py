@@ -223,12 +223,12 @@ def _scan_folder(root: Path, listing: Listing, key: str) -> None:
                              f"({', '.join(n.name for n in names)}); keep one")
     for m in metadata:
         _read_index_into(m, listing)
-    named = {r.path for r in listing.records}
+    named = {os.path.abspath(r.path) for r in listing.records}
     governed = set(by_folder)
     unlisted, sidecars = [], False
     for image in (p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS):
         if any(parent in governed for parent in image.parents):
-            if os.path.normpath(image) not in named:
+            if os.path.abspath(image) not in named:
                 unlisted.append(image)
             continue
         sidecars = True
