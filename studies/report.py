@@ -59,6 +59,7 @@ from .report_io import (
     to_regimes,
 )
 from .report_verdicts import (
+    CORRECTION_NAMES,
     Comparison,
     StudyVerdicts,
     compare_methods,
@@ -248,8 +249,8 @@ def _intro(results: Path, studies: dict[str, StudyResult], include_quick: bool, 
             f"For each regime, dE = E_CD - E_DirectCD (> 0: Direct CD solves the teacher's ODE more accurately) and "
             f"dQ = Q_DirectCD - Q_CD for the quality distance (> 0: CD has the better samples), paired over seeds. "
             f"A regime is called a paradox only when both paired t-intervals lie above 0 at the level its correction "
-            f"assigns ({correction} over the regimes of one study, family error {alpha:g}, i.e. at least "
-            f"{100 * (1 - alpha):g}% intervals); 'tie' means neither interval excludes 0, not that the methods are "
+            f"assigns ({CORRECTION_NAMES[correction]} over the regimes of one study, family error {alpha:g}, so at "
+            f"least {100 * (1 - alpha):g}% intervals); 'tie' means neither interval excludes 0, not that the methods are "
             f"equal; the other verdicts describe the same intervals and are not error-controlled. Identical regimes "
             f"are counted once. Smoke runs are " + ("included and labelled '" + QUICK_LABEL + "'." if include_quick else
                                                  "left out of every finding ('" + QUICK_LABEL + "')."))

@@ -41,10 +41,13 @@ __all__ = [
     "interval_text",
     "converged_text",
     "HIGHER_IS_BETTER",
+    "CORRECTION_NAMES",
 ]
 
 #: lower-is-better unless listed here (or in a study's ``higher_is_better``); suffixes ``_p0`` / ``_teacher`` ignored
 HIGHER_IS_BETTER = set(TOY_HIGHER_IS_BETTER) | {"clip", "clip_score", "aesthetic"}
+#: how the report names each ``studies.stats.CORRECTIONS`` method
+CORRECTION_NAMES = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "Benjamini-Hochberg", "none": "no correction"}
 #: secondary quality keys tried when a study names none (the distance-to-data metrics: the second question)
 DEFAULT_ALT_KEYS = ("w2_p0", "mmd2_p0", "w2", "sliced_w2", "mmd2", "mode_tv")
 
@@ -188,8 +191,7 @@ class StudyVerdicts:
 
     def correction_text(self) -> str:
         m = self.num_comparisons
-        name = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "Benjamini-Hochberg", "none": "no correction"}.get(
-            self.correction, self.correction)
+        name = CORRECTION_NAMES.get(self.correction, self.correction)
         return f"{name} over {m} regime{'s' if m != 1 else ''} (family error {self.alpha:g})"
 
     def counts_text(self) -> str:
@@ -321,8 +323,8 @@ def verdicts_from_dict(d: dict) -> VerdictSet:
                       int(corr.get("num_comparisons", len(regimes))), list(d.get("excluded_quick") or []))
 
 
-def _from_study(st: StudyResult, kept: list[dict], q: str,
-                e_key: str) -> tuple[VerdictSet, list[Comparison], list[str]] | str:
+def _from_study(st: StudyResult, kept: list[dict], q: str, e_key: str, alpha: float,
+                method: str) -> tuple[VerdictSet, list[Comparison], list[str]] | str:
     """The study's own verdicts, or the reason they cannot be used here."""
     block = st.metrics.get("verdicts")
     if not isinstance(block, dict):
@@ -333,6 +335,8 @@ def _from_study(st: StudyResult, kept: list[dict], q: str,
         vs = verdicts_from_dict(block)
     except (KeyError, TypeError, ValueError) as err:
         return f"the study's verdicts block is unusable ({err})"
+    if vs.method != method or not math.isclose(vs.alpha, alpha):
+        return f"the study's verdicts use {vs.method} at {vs.alpha:g}; asked for {method} at {alpha:g}"
     other = {v.quality_key for v in vs.regimes} - {"", q}
     if other:
         return f"the study's verdicts are for quality {sorted(other)}, not {q}"
@@ -373,7 +377,7 @@ def study_verdicts(st: StudyResult, include_quick: bool = False, alpha: float = 
     higher = list(st.metrics.get("higher_is_better") or [])
     if (st.metrics.get("quality") or {}).get("higher_is_better") and q == st.quality_key:
         higher.append(q)
-    got = _from_study(st, kept, q, e_key) if not st.quick else "the run is a smoke run"
+    got = _from_study(st, kept, q, e_key, alpha, method) if not st.quick else "the run is a smoke run"
     note = ""
     if isinstance(got, str):
         note = got if isinstance(st.metrics.get("verdicts"), dict) else ""

@@ -391,6 +391,9 @@ def test_cli_writes_both_files_and_refuses_bad_input(tmp_path, capsys):
     assert report.main(["--results", str(root), "--out", str(tmp_path / "rep"), "--correction", "bonferroni"]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Bonferroni over 2 regimes" in md and (tmp_path / "rep" / "report.html").is_file()
+    # latent_space's own verdicts are Holm's: recomputed with the correction asked for
+    ls = section(md, "latent_space: 1/2 regimes show the paradox")
+    assert "Bonferroni over 2 regimes" in ls and "the study's verdicts use holm at 0.05; asked for bonferroni" in ls
     from odecm.cli import run_main
 
     with pytest.raises(SystemExit) as e:
