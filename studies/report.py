@@ -94,7 +94,7 @@ __all__ = [
 ]
 
 #: columns of the per-study metrics table besides E and the quality keys
-_EXTRA_COLUMNS = ("E_exact", "E_decoded", "final_loss")
+_EXTRA_COLUMNS = ("E_exact", "E_true_ode", "E_decoded", "final_loss")
 
 
 def collect_studies(results: Path, include_quick: bool = False) -> dict[str, StudyResult]:
@@ -142,7 +142,8 @@ def _metrics_table(st: StudyResult, kept: list[dict]) -> tuple[list[str], list[l
         return None
     present = {k for r in kept for m in r.get("methods", {}).values() for k in m}
     alt = st.metrics.get("alt_quality_keys") or []
-    keys = [k for k in dict.fromkeys(["E", st.quality_key, *alt, *_EXTRA_COLUMNS]) if k and k in present]
+    p0 = (st.metrics.get("quality_p0") or {}).get("key")
+    keys = [k for k in dict.fromkeys([st.e_key, st.quality_key, p0, *alt, *_EXTRA_COLUMNS]) if k and k in present]
     rows = []
     for r in kept:
         name = display_name(r) + _tag(st.quick)
@@ -229,9 +230,11 @@ def _study_section(st: StudyResult, kept: list[dict]) -> list[Block]:
         for header, rows in markdown_tables(st.table_md):
             blocks.append(("table", (header, [[c + _tag(st.quick) if i == 0 else c for i, c in enumerate(r)]
                                               for r in rows])))
-    floor = _floor_lines(st.metrics.get("floor"))
-    if floor:
-        blocks += [("p", "Finite-sample floor of the metrics (two independent exact sample sets):"), ("ul", floor)]
+    for key in [k for k in st.metrics if k.startswith("floor")]:
+        floor = _floor_lines(st.metrics[key])
+        if floor:
+            blocks += [("p", f"Finite-sample floor of the metrics (`{key}`: two independent exact sample sets):"),
+                       ("ul", floor)]
     rc = st.metrics.get("rank_correlation")
     if isinstance(rc, dict) and rc:
         vals = ", ".join(f"{k} {fmt(v)}" for k, v in rc.items())
@@ -250,10 +253,11 @@ def _intro(results: Path, studies: dict[str, StudyResult], include_quick: bool, 
             f"dQ = Q_DirectCD - Q_CD for the quality distance (> 0: CD has the better samples), paired over seeds. "
             f"A regime is called a paradox only when both paired t-intervals lie above 0 at the level its correction "
             f"assigns ({CORRECTION_NAMES[correction]} over the regimes of one study, family error {alpha:g}, so at "
-            f"least {100 * (1 - alpha):g}% intervals); 'tie' means neither interval excludes 0, not that the methods are "
-            f"equal; the other verdicts describe the same intervals and are not error-controlled. Identical regimes "
-            f"are counted once. Smoke runs are " + ("included and labelled '" + QUICK_LABEL + "'." if include_quick else
-                                                 "left out of every finding ('" + QUICK_LABEL + "')."))
+            f"least {100 * (1 - alpha):g}% intervals); 'tie' means neither interval excludes 0, not that the methods "
+            f"are equal; the other verdicts describe the same intervals and are not error-controlled. Identical "
+            f"regimes are counted once. Smoke runs are "
+            + (f"included and labelled '{QUICK_LABEL}'." if include_quick else
+               f"left out of every finding ('{QUICK_LABEL}')."))
 
 
 def build_report(results: Path, out_dir: Path, include_quick: bool = False, alpha: float = 0.05,

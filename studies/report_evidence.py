@@ -33,11 +33,14 @@ class Evidence:
 
 
 SCORE_KEYS, SCORE_OFF = ("score_error", "score"), {"exact", "true", "none", "off"}
+#: a numeric switch at most this large is off (an exact teacher's measured score error is float rounding)
+SWITCH_ZERO_TOL = 1e-10
 DECODER_KEYS, DECODER_OFF = ("decoder", "space"), {"identity", "pixel", "none", "off"}
 
 
 def _switch(c: Comparison, keys: Sequence[str], off: set[str]) -> bool | None:
-    """True when the factor is on in this regime, False when off, None when the regime does not record it."""
+    """True when the factor is on in this regime, False when off (a value in ``off``, False, or a number within
+    ``SWITCH_ZERO_TOL`` of 0), None when the regime does not record it."""
     for source in (c.switches, c.params):
         for k in keys:
             if k in source and source[k] is not None:
@@ -45,7 +48,7 @@ def _switch(c: Comparison, keys: Sequence[str], off: set[str]) -> bool | None:
                 if isinstance(v, bool):
                     return v
                 if isinstance(v, (int, float)):
-                    return float(v) != 0.0
+                    return abs(float(v)) > SWITCH_ZERO_TOL
                 return str(v).lower() not in off
     return None
 

@@ -132,6 +132,18 @@ class StudyResult:
         return (self.metrics.get("quality") or {}).get("key")
 
     @property
+    def e_key(self) -> str:
+        """The study's ODE-error key: its verdicts' ``e_key``, else ``E``, else ``E_solver`` when only that exists."""
+        v = self.metrics.get("verdicts")
+        if isinstance(v, dict) and v.get("e_key"):
+            return str(v["e_key"])
+        if self.metrics.get("e_key"):
+            return str(self.metrics["e_key"])
+        regimes = self.metrics.get("regimes") or [{}]
+        first = (regimes[0].get("methods") or {}).get("cd", {})
+        return "E_solver" if "E" not in first and "E_solver" in first else "E"
+
+    @property
     def quality_label(self) -> str:
         q = self.metrics.get("quality") or {}
         return str(q.get("label") or q.get("key") or "")

@@ -46,6 +46,8 @@ __all__ = [
 
 #: lower-is-better unless listed here (or in a study's ``higher_is_better``); suffixes ``_p0`` / ``_teacher`` ignored
 HIGHER_IS_BETTER = set(TOY_HIGHER_IS_BETTER) | {"clip", "clip_score", "aesthetic"}
+#: ODE errors against the exact PF-ODE (a second question beside E against the teacher's solver)
+EXACT_E_KEYS = ("E_exact", "E_true_ode")
 #: how the report names each ``studies.stats.CORRECTIONS`` method
 CORRECTION_NAMES = {"holm": "Holm", "bonferroni": "Bonferroni", "bh": "Benjamini-Hochberg", "none": "no correction"}
 #: secondary quality keys tried when a study names none (the distance-to-data metrics: the second question)
@@ -121,6 +123,7 @@ class Comparison:
     group: str = ""
     converged: Any = None
     quick: bool = False
+    e_key: str = "E"
 
     @property
     def dE(self) -> float:
@@ -156,7 +159,8 @@ class Comparison:
 
     def intervals(self) -> str:
         """``dE = .. [..], d<Q> = .. [..] (level)``."""
-        return (f"dE = {interval_text(self.result.dE)}, d{self.quality_key} = {interval_text(self.result.dQ)} "
+        return (f"d{self.e_key} = {interval_text(self.result.dE)}, "
+                f"d{self.quality_key} = {interval_text(self.result.dQ)} "
                 f"({100 * self.level:.4g}% intervals, {self.seeds} seed{'s' if self.seeds != 1 else ''})")
 
     def sentence(self) -> str:
@@ -264,7 +268,7 @@ def _comparison(r: dict | None, v: RegimeVerdict, q: str, e_key: str, quick: boo
                       E_dcd=get("direct_cd", e_key),
                       Q_cd=get("cd", q), Q_dcd=get("direct_cd", q), quality_key=q, params=dict(r.get("params", {})),
                       switches=dict(r.get("switches", {})), group=str(r.get("group", "")),
-                      converged=r.get("converged"), quick=quick or v.quick)
+                      converged=r.get("converged"), quick=quick or v.quick, e_key=e_key)
 
 
 def _recompute(regs: list[dict], q: str, e_key: str, higher: Iterable[str], quick: bool, include_quick: bool,
@@ -329,8 +333,8 @@ def _from_study(st: StudyResult, kept: list[dict], q: str, e_key: str, alpha: fl
     block = st.metrics.get("verdicts")
     if not isinstance(block, dict):
         return "the study wrote no verdicts"
-    if e_key != "E" or q != st.quality_key:
-        return f"the study's verdicts are for E and {st.quality_key}"
+    if e_key != st.e_key or q != st.quality_key:
+        return f"the study's verdicts are for {st.e_key} and {st.quality_key}"
     try:
         vs = verdicts_from_dict(block)
     except (KeyError, TypeError, ValueError) as err:
@@ -354,8 +358,8 @@ def _from_study(st: StudyResult, kept: list[dict], q: str, e_key: str, alpha: fl
 
 
 def study_verdicts(st: StudyResult, include_quick: bool = False, alpha: float = 0.05, method: str = "holm",
-                   quality_key: str | None = None, e_key: str = "E", equivalent: dict[str, str] | None = None
-                   ) -> StudyVerdicts | None:
+                   quality_key: str | None = None, e_key: str | None = None,
+                   equivalent: dict[str, str] | None = None) -> StudyVerdicts | None:
     """Verdicts of a study's regimes after merging identical ones (``merge_regimes``).
 
     Uses the study's own ``verdicts`` block when it is for the same E and quality keys, every verdict follows
@@ -364,6 +368,7 @@ def study_verdicts(st: StudyResult, include_quick: bool = False, alpha: float = 
     ``include_quick`` (then every comparison is marked ``quick``). None when the study has no quality key or
     no regimes."""
     q = quality_key or st.quality_key
+    e_key = e_key or st.e_key
     regimes = st.metrics.get("regimes") or []
     if not q or not regimes:
         return None
@@ -391,9 +396,9 @@ def study_verdicts(st: StudyResult, include_quick: bool = False, alpha: float = 
 
 def secondary_verdicts(st: StudyResult, primary: StudyVerdicts, include_quick: bool = False, alpha: float = 0.05,
                        method: str = "holm") -> list[StudyVerdicts]:
-    """The second questions, each its own corrected family: ``E`` against every alternative quality key
-    (``alt_quality_keys``, e.g. the distances to the data), and ``E_exact`` (against the exact PF-ODE) against
-    the primary quality key, where the regimes have them."""
+    """The second questions, each its own corrected family: the study's E against every alternative quality key
+    (``quality_p0`` and ``alt_quality_keys``, e.g. the distances to the data), and ``E_exact`` / ``E_true_ode``
+    (against the exact PF-ODE) against the primary quality key, where the regimes have them."""
     regimes = st.metrics.get("regimes") or []
     if not regimes or primary.source == "none":
         return []
@@ -401,9 +406,8 @@ def secondary_verdicts(st: StudyResult, primary: StudyVerdicts, include_quick: b
     p0 = (st.metrics.get("quality_p0") or {}).get("key")
     alts = [*([p0] if p0 else []), *(st.metrics.get("alt_quality_keys") or [k for k in DEFAULT_ALT_KEYS if k in first])]
     alts = list(dict.fromkeys(alts))
-    pairs = [("E", k) for k in alts if k != primary.quality_key and k in first]
-    if "E_exact" in first and primary.e_key == "E":
-        pairs.append(("E_exact", primary.quality_key))
+    pairs = [(primary.e_key, k) for k in alts if k != primary.quality_key and k in first]
+    pairs += [(k, primary.quality_key) for k in EXACT_E_KEYS if k in first and k != primary.e_key]
     out = []
     for e_key, q in pairs:
         sv = study_verdicts(st, include_quick, alpha, method, quality_key=q, e_key=e_key)

@@ -214,6 +214,34 @@ def test_schema_of_the_toy_studies(tmp_path):
     assert "- E vs w2_p0: 1/2 paradox" in sa
 
 
+def test_study_e_key_from_its_verdicts(tmp_path):
+    """score_error's schema: E against the teacher's solver is ``E_solver``, the exact-ODE error ``E_true_ode``."""
+    exact = {"score_error": 3e-15, "decoder": "identity"}  # an exact teacher's measured error: float rounding
+    rs = [regime("exact ddim", NULL, switches=exact, solver="ddim"),
+          regime("wrong ddim", PARADOX, switches={"score_error": 0.2, "decoder": "identity"}, solver="ddim")]
+    for r in rs:
+        for m in ("cd", "direct_cd"):
+            r["methods"][m]["E_solver"] = r["methods"][m].pop("E")
+            r["methods"][m]["E_true_ode"] = r["methods"][m]["E_solver"]
+    both = ("cd", "direct_cd")
+    inputs = [RegimeInput.from_methods(r["label"], *(r["methods"][m]["E_solver"]["values"] for m in both),
+                                       *(r["methods"][m]["w2_teacher"]["values"] for m in both),
+                                       quality_key="w2_teacher") for r in rs]
+    _write(tmp_path / "score_error" / "run", {
+        "study": "score_error", "quick": False,
+        "quality": {"key": "w2_teacher", "label": "W2 to the teacher's samples"}, "regimes": rs,
+        "verdicts": {**classify_regimes(inputs).to_dict(), "e_key": "E_solver"},
+        "floor_teacher": {"w2_teacher": {"mean": 0.1, "sd": 0.01, "values": [0.09, 0.11] * 5}}})
+    md = report.build_report(tmp_path, tmp_path / "rep")[0].read_text()
+    se = section(md, "score_error: 1/2 regimes show the paradox")
+    assert "the study's own verdicts" in se and "| E_solver CD |" in se
+    assert "| exact ddim | 6 | 0.225 ± 0.069 |" in se
+    assert "- E_true_ode vs w2_teacher: 1/2 paradox" in se
+    supports = section(md, "Score approximation").split("Against:")[0]
+    assert "wrong ddim (paradox): dE_solver = 0.5 [" in supports and "with the exact score (1 tie)" in supports
+    assert "- w2_teacher: 0.1 ± 0.01 over 10 draws" in section(md, "score_error")
+
+
 def test_inconsistent_study_verdicts_are_recomputed(tmp_path):
     r = regime("r", NULL, q="w2")
     forged = {"correction": {"method": "holm", "alpha": 0.05, "num_comparisons": 1},
