@@ -1,27 +1,33 @@
-"""Shared pieces of the toy studies (latent_space, inductive_bias, solver_ablation).
+"""Shared pieces of the exact-teacher toy studies (latent_space, inductive_bias, solver_ablation).
 
-A **world** is data + exact teacher + solver + grid: the mixture ``p_0`` (``toys.gmm.make_preset``),
-a schedule, the exact GMM denoiser as teacher, the teacher's one-step solver ``Phi`` and the grid
+A **world** is data + exact teacher + solver + grid: the mixture ``p_0`` (``toys.gmm.make_preset``), a
+schedule (SDXL's, with the paper's indexing ``timestep_offset=1`` by default, so the grid ends at
+clean data), the exact GMM denoiser as teacher, the teacher's one-step solver ``Phi`` and the grid
 ``t_0 < ... < t_N``. A **cell** trains CD and Direct CD students in one world as batched ensembles
-(``toys.ensemble``: one member per seed, Direct CD from a precomputed ``TargetPool`` whose training
-pairs CD shares) and evaluates every member on one fixed evaluation set:
+(``toys.ensemble``: one member per seed, or solvers x seeds) and evaluates every member.
 
-* ``x_T ~ p_T`` (the exact marginal at ``t_N``, drawn from ``eval.seed``);
-* ``E = mean (f_theta(x_T, t_N) - f_solver(x_T, t_N, t_0))^2`` (paper eq. 6) against the teacher solver;
-* ``E_exact`` = the same against the exact PF-ODE endpoint (adaptive dopri5 in float64);
-* sample quality of the one-step samples ``f_theta(x_T, t_N)`` against an independent reference set
-  from ``p_0`` (``toys.metrics.sample_quality``; lower W2 / MMD = better), and the finite-sample floor.
+Seeds (``studies.seeding``): run seed s gives member s its own initialisation, batch stream, Direct CD
+target pool, evaluation noise and reference sample (any of them can be held fixed with
+``seeding.hold_fixed``). CD and Direct CD students of seed s share all of them, so their metrics are
+paired per seed. Per member, from its evaluation noise ``x_T ~ p_T`` (``T = t_N``):
 
-Every number is reproducible from the saved config: seeds fix the pool, the initialisation, the
-per-member data streams and the evaluation set.
+* ``E = mean_i |f_theta(x_T,i) - f_solver(x_T,i, t_N, t_0)|^2`` (paper eq. 6) against the teacher solver;
+* ``E_exact``: the same against the exact PF-ODE endpoint (adaptive dopri5 in float64);
+* sample quality of the one-step samples against its reference sample of ``p_0`` (``toys.metrics``;
+  the exact teacher's samples are distributed as ``p_0``, so this is also the distance to the teacher's
+  samples), with ``variance_ratio`` (shrinkage) and per-sample terms for bootstrap intervals;
+* the finite-sample floor of every metric as a distribution over ``eval.floor_draws`` (>= 10) draws.
+
+Every number is reproducible from the saved config.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -33,36 +39,26 @@ from odecm.solvers import solve
 from toys.ensemble import (EnsembleStudent, Route, TargetPool, TrainConfig, init_from_teacher, make_ensemble_student,
                            train_ensemble)
 from toys.gmm import GaussianMixture, make_preset
-from toys.metrics import finite_sample_floor, sample_quality
+from toys.metrics import covariance_spectrum, finite_sample_floor, per_sample_quality, sample_quality
 from toys.networks import NetworkConfig
 
-from .common import fmt_stat, stat
+from . import common, evidence, plotting
+from .seeding import SeedConfig
 
 Tensor = torch.Tensor
 
 __all__ = [
-    "DataConfig",
-    "WorldConfig",
-    "EvalConfig",
-    "World",
-    "build_world",
-    "EvalSet",
-    "make_eval_set",
-    "train_cell",
-    "evaluate_members",
-    "one_step_outputs",
-    "member_metrics",
-    "collect",
-    "teacher_metrics",
-    "regime_entry",
-    "markdown_table",
-    "tidy_log_axes",
-    "run_study",
-    "QUALITY_KEYS",
+    "DataConfig", "WorldConfig", "EvalConfig", "World", "build_world", "make_world_schedule", "EvalSet",
+    "make_eval_set", "EvalCache", "build_pools", "train_cell", "evaluate_members", "errors_only", "member_metrics",
+    "collect", "teacher_metrics", "world_floor", "markdown_table", "run_study", "write_outputs", "QUALITY_KEYS",
+    "PER_SAMPLE_KEYS", "log",
 ]
 
 #: the sample-quality numbers kept per member (lower is better except precision/recall/modes_covered)
-QUALITY_KEYS = ("w2", "sliced_w2", "mmd2", "precision", "recall", "modes_covered", "mode_tv", "nll")
+QUALITY_KEYS = ("w2", "sliced_w2", "mmd2", "precision", "recall", "modes_covered", "mode_precision", "mode_tv",
+                "nll", "variance_ratio")
+#: per-sample terms bootstrapped over evaluation samples
+PER_SAMPLE_KEYS = ("E", "E_exact", "nll", "precision", "mode_precision")
 
 
 class DataConfig(StrictModel):
@@ -82,13 +78,15 @@ class DataConfig(StrictModel):
 
 
 class WorldConfig(StrictModel):
-    """Teacher solver and time grid (the teacher itself is the exact GMM denoiser). Defaults follow
-    the paper (and ``studies.score_error``): SDXL's discrete schedule, the LCM skip grid with N = 20,
-    DDIM, LCM boundary scalings."""
+    """Teacher solver and time grid (the teacher itself is the exact GMM denoiser). Defaults follow the
+    paper: SDXL's discrete schedule with the paper's indexing (``timestep_offset=1``: timesteps 1..1000,
+    the clean point at 0), the LCM skip grid with N = 20 (0, 50, ..., 1000), DDIM, LCM boundary scalings."""
 
     renamed_keys = {"num_steps": "grid_size"}
 
     schedule: Literal["vp", "vp_cosine", "ve", "edm", "sdxl"] = "sdxl"
+    timestep_offset: Literal[0, 1] = Field(1, description="discrete schedules: 1 = the paper's indexing (grid ends "
+                                                          "at clean data), 0 = diffusers' (ends at timestep 0)")
     grid: Literal["uniform", "karras", "skip"] = "skip"
     solver: SolverName = "ddim"
     grid_size: int = Field(20, ge=1, description="N, the number of grid intervals")
@@ -96,10 +94,18 @@ class WorldConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    num_samples: int = Field(2000, ge=10, description="one-step samples per member")
+    num_samples: int = Field(2000, ge=10, description="one-step samples per member (and reference size)")
     max_points: int = Field(1000, ge=10, description="subsample for the O(n^2) metrics (W2, MMD, k-NN)")
     exact_ode: bool = True
-    seed: int = 777
+    floor_draws: int = Field(10, ge=10, description="draws of the finite-sample floor (a distribution)")
+    n_resamples: int = Field(1000, ge=100, description="bootstrap resamples over evaluation samples")
+    convergence_check: bool = Field(True, description="also evaluate E at half the budget (convergence flag)")
+    seed: int = Field(777, description="seed of the floor draws and metric subsampling")
+
+
+def make_world_schedule(name: str, timestep_offset: int = 1) -> NoiseSchedule:
+    """``make_schedule(name)``; the discrete ``sdxl`` schedule takes the indexing ``timestep_offset``."""
+    return make_schedule(name, timestep_offset=timestep_offset) if name == "sdxl" else make_schedule(name)
 
 
 @dataclass
@@ -115,6 +121,10 @@ class World:
     def t_max(self) -> float:
         return float(self.grid[-1])
 
+    @property
+    def t_0(self) -> float:
+        return float(self.grid[0])
+
     def sample_data(self, n: int, g: torch.Generator) -> Tensor:
         return self.gmm.sample_p0(n, g)[0]
 
@@ -122,40 +132,58 @@ class World:
 def build_world(data: DataConfig, world: WorldConfig, solver: str | None = None, grid_size: int | None = None) -> World:
     """The world of ``data`` and ``world`` (``solver`` / ``grid_size`` override the config's)."""
     gmm = data.build()
-    schedule = make_schedule(world.schedule)
+    schedule = make_world_schedule(world.schedule, world.timestep_offset)
     grid = make_grid(world.grid, schedule, grid_size or world.grid_size)
     return World(gmm, schedule, grid, solver or world.solver, world.boundary, gmm.exact_denoiser(schedule))
 
 
 @dataclass
 class EvalSet:
-    """Fixed evaluation data of one world: noise ``x_T``, the teacher solver's and the exact ODE's
-    endpoints from it, a reference sample of ``p_0`` and the finite-sample floor of the metrics."""
+    """One seed's evaluation data in one world: noise ``x_T``, the teacher solver's and the exact ODE's
+    endpoints from it, and a reference sample of ``p_0``."""
 
     x_T: Tensor
     solver_end: Tensor
     exact_end: Tensor | None
     reference: Tensor
-    floor: dict[str, float]
-    seconds: float = 0.0
+    eval_seed: int
+    reference_seed: int
 
 
-def make_eval_set(world: World, cfg: EvalConfig, floor: bool = True) -> EvalSet:
-    start = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed)
-    x_T, _ = world.gmm.sample_pt(cfg.num_samples, world.t_max, world.schedule, generator=g, dtype=torch.float64)
-    N = world.grid.numel() - 1
+@dataclass
+class EvalCache:
+    """Exact ODE endpoints keyed by (data, eval seed, t_T, t_0): the same noise is solved once."""
+
+    exact: dict[tuple, Tensor] = field(default_factory=dict)
+
+
+def make_eval_set(world: World, cfg: EvalConfig, eval_seed: int, reference_seed: int,
+                  cache: EvalCache | None = None) -> EvalSet:
+    """``x_T ~ p_T`` from ``Generator(eval_seed)``, the reference ``~ p_0`` from ``Generator(reference_seed)``."""
+    x_T = world.gmm.sample_pt(cfg.num_samples, world.t_max, world.schedule,
+                              generator=torch.Generator().manual_seed(int(eval_seed)), dtype=torch.float64)[0]
     with torch.no_grad():
-        solver_end = solve(world.solver, world.teacher, x_T, world.grid, N).x
+        solver_end = solve(world.solver, world.teacher, x_T, world.grid, world.grid.numel() - 1).x
     exact = None
     if cfg.exact_ode:
-        exact = world.gmm.exact_ode_solution(x_T, world.t_max, float(world.grid[0]), world.schedule,
-                                             rtol=1e-7, atol=1e-9)
-    reference = world.gmm.sample_p0(cfg.num_samples, torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)[0]
-    fl = {}
-    if floor:
-        fl = finite_sample_floor(world.gmm, cfg.num_samples, seed=cfg.seed + 10, max_points=cfg.max_points)
-    return EvalSet(x_T, solver_end, exact, reference, fl, time.perf_counter() - start)
+        key = (id(world.gmm), int(eval_seed), world.t_max, world.t_0, cfg.num_samples)
+        if cache is None or key not in cache.exact:
+            exact = world.gmm.exact_ode_solution(x_T, world.t_max, world.t_0, world.schedule, rtol=1e-7, atol=1e-9)
+            if cache is not None:
+                cache.exact[key] = exact
+        exact = cache.exact[key] if cache is not None else exact
+    reference = world.gmm.sample_p0(cfg.num_samples, torch.Generator().manual_seed(int(reference_seed)),
+                                    dtype=torch.float64)[0]
+    return EvalSet(x_T, solver_end, exact, reference, int(eval_seed), int(reference_seed))
+
+
+def world_floor(world: World, cfg: EvalConfig) -> dict[str, dict]:
+    """The floor of every quality key between two independent p_0 samples of the evaluation size, as a
+    distribution over ``cfg.floor_draws`` draws (``studies.evidence.floor_block``)."""
+    def draw(s: int) -> dict[str, float]:
+        q = finite_sample_floor(world.gmm, cfg.num_samples, seed=s, max_points=cfg.max_points, shrinkage=True)
+        return {k: float(q[k]) for k in QUALITY_KEYS if k in q}
+    return evidence.floor_block(draw, cfg.floor_draws, seed=cfg.seed)
 
 
 def log(study: str, msg: str) -> None:
@@ -163,108 +191,245 @@ def log(study: str, msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {study}: {msg}", flush=True)
 
 
-def train_cell(world: World, method: str, network: NetworkConfig, train: TrainConfig, seeds: Sequence[int],
-               pool: TargetPool | None = None, routes: Sequence[Route] | None = None,
-               progress: bool | str = False, init_steps: int = 0) -> tuple[EnsembleStudent, float, list[float]]:
-    """Train one ensemble (members = seeds) with ``method``; returns (student, seconds, final losses).
+def build_pools(world: World, train: TrainConfig, seeding: SeedConfig, seeds: Sequence[int],
+                solver: str | None = None) -> dict[int, TargetPool]:
+    """One Direct CD target pool per run seed (``pool`` source; pools of held seeds are built once)."""
+    solver = solver or world.solver
+    built: dict[int, TargetPool] = {}
+    out = {}
+    for s in seeds:
+        ps = seeding.seed_for("pool", s)
+        if ps not in built:
+            built[ps] = TargetPool.build(world.teacher, solver, world.grid, world.schedule, world.sample_data,
+                                         train.pool_size, ps)
+        out[s] = built[ps]
+    return out
 
-    Every member learns from ``Route(world.teacher, world.solver, pool)`` unless ``routes`` gives
-    one route per member (e.g. different solvers batched into one ensemble). ``init_steps > 0``
-    first regresses each member's denoiser on its teacher (``toys.ensemble.init_from_teacher``: the
-    toy analogue of the paper's student starting from the teacher's weights)."""
-    student = make_ensemble_student(network, world.schedule, seeds, boundary=world.boundary,
-                                    t_min=float(world.grid[0]))
-    tcfg = train.model_copy(update={"method": method})
-    if routes is None:
-        routes = Route(world.teacher, world.solver, pool if tcfg.data == "pool" else None)
+
+def train_cell(world: World, method: str, network: NetworkConfig, train: TrainConfig, seeds: Sequence[int],
+               seeding: SeedConfig, routes: Sequence[Route], progress: bool | str = False, init_steps: int = 0,
+               eval_steps: Sequence[int] = (), on_eval: Callable | None = None,
+               ema_rate: float | None = None) -> tuple[EnsembleStudent, float, list[float]]:
+    """Train one ensemble (member m = run seed ``seeds[m]`` on ``routes[m]``) with ``method``; returns
+    (student, seconds, final losses). ``method="cd_ema"`` is CD with the EMA target of rate ``ema_rate``.
+    ``init_steps > 0`` first regresses each member's denoiser on its teacher
+    (``toys.ensemble.init_from_teacher``: the toy analogue of a student starting from the teacher)."""
+    init_seeds = [seeding.seed_for("init", s) for s in seeds]
+    batch_seeds = [seeding.seed_for("batch", s) for s in seeds]
+    student = make_ensemble_student(network, world.schedule, init_seeds, boundary=world.boundary, t_min=world.t_0)
+    update: dict[str, Any] = {"method": "cd" if method == "cd_ema" else method}
+    if method == "cd_ema":
+        update["ema_rate"] = float(ema_rate or 0.99)
+    tcfg = train.model_copy(update=update)
+    if tcfg.data != "pool":
+        routes = [Route(r.teacher, r.solver, None, r.label) for r in routes]
     start = time.perf_counter()
     if init_steps:
-        init_from_teacher(student, routes, world.grid, world.sample_data, init_steps, tcfg.batch_size, tcfg.lr)
-    hist = train_ensemble(tcfg, student, routes, world.grid, world.sample_data, progress=progress)
+        init_from_teacher(student, routes, world.grid, world.sample_data, init_steps, tcfg.batch_size, tcfg.lr,
+                          batch_seeds=batch_seeds)
+    hist = train_ensemble(tcfg, student, routes, world.grid, world.sample_data, progress=progress,
+                          batch_seeds=batch_seeds, eval_steps=eval_steps, on_eval=on_eval)
     return student, time.perf_counter() - start, hist.final_loss()
 
 
-def one_step_outputs(student: EnsembleStudent, world: World, ev: EvalSet) -> Tensor:
-    """Every member's one-step samples ``f_m(x_T, t_N)`` from the shared noise: ``(E, M, d)`` float64."""
-    return student.one_step(ev.x_T.float(), world.t_max).double()
+def one_step_outputs(student: EnsembleStudent, t_max: float, evs: Sequence[EvalSet]) -> Tensor:
+    """Member m's one-step samples from its own evaluation noise ``evs[m].x_T``: ``(E, M, d)`` float64."""
+    return student.one_step(torch.stack([ev.x_T for ev in evs]).float(), t_max).double()
+
+
+def errors_only(student: EnsembleStudent, t_max: float, evs: Sequence[EvalSet]) -> list[float]:
+    """Per-member ``E`` (against each member's solver endpoint): the cheap check of convergence."""
+    out = one_step_outputs(student, t_max, evs)
+    return [float(per_sample_sq_error(out[m], ev.solver_end).mean()) for m, ev in enumerate(evs)]
 
 
 def member_metrics(x: Tensor, world: World, ev: EvalSet, cfg: EvalConfig,
-                   solver_end: Tensor | None = None) -> dict[str, float]:
-    """``E`` (against ``solver_end``, default the eval set's), ``E_exact`` and the quality keys of one member."""
-    target = ev.solver_end if solver_end is None else solver_end
-    vals = {"E": float(per_sample_sq_error(x, target).mean())}
+                   per_sample: bool = True) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``E``, ``E_exact`` and the quality keys of one member, and its per-sample terms."""
+    e_i = per_sample_sq_error(x, ev.solver_end)
+    vals = {"E": float(e_i.mean())}
+    terms: dict[str, np.ndarray] = {"E": e_i.numpy()}
     if ev.exact_end is not None:
-        vals["E_exact"] = float(per_sample_sq_error(x, ev.exact_end).mean())
-    q = sample_quality(x, ev.reference, gmm=world.gmm, seed=cfg.seed, max_points=cfg.max_points)
+        ex_i = per_sample_sq_error(x, ev.exact_end)
+        vals["E_exact"], terms["E_exact"] = float(ex_i.mean()), ex_i.numpy()
+    q = sample_quality(x, ev.reference, gmm=world.gmm, seed=cfg.seed, max_points=cfg.max_points, shrinkage=True)
     vals.update({k: float(q[k]) for k in QUALITY_KEYS if k in q})
-    return vals
+    if per_sample:
+        ps = per_sample_quality(x, ev.reference, gmm=world.gmm)
+        terms.update({"nll": ps["nll"].numpy(), "precision": ps["precision"].numpy(),
+                      "mode_precision": ps["mode_good"].numpy()})
+    return vals, terms
 
 
-def collect(rows: Sequence[dict[str, float]]) -> dict[str, list[float]]:
+def collect(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
     """List of per-member dicts -> dict of per-member lists."""
-    out: dict[str, list[float]] = {}
+    out: dict[str, list] = {}
     for r in rows:
         for k, v in r.items():
             out.setdefault(k, []).append(v)
     return out
 
 
-def evaluate_members(student: EnsembleStudent, world: World, ev: EvalSet,
-                     cfg: EvalConfig) -> tuple[dict[str, list[float]], Tensor]:
-    """Per-member ``E``, ``E_exact`` and the sample-quality keys; also returns the one-step outputs."""
-    out = one_step_outputs(student, world, ev)
-    return collect([member_metrics(out[m], world, ev, cfg) for m in range(out.shape[0])]), out
+def evaluate_members(student: EnsembleStudent, worlds: Sequence[World], evs: Sequence[EvalSet], cfg: EvalConfig,
+                     per_sample: bool = True) -> tuple[dict[str, list[float]], dict[str, list[np.ndarray]], Tensor]:
+    """Per-member metrics and per-sample terms (member m in ``worlds[m]`` with ``evs[m]``); also the outputs."""
+    out = one_step_outputs(student, worlds[0].t_max, evs)
+    rows = [member_metrics(out[m], worlds[m], evs[m], cfg, per_sample) for m in range(out.shape[0])]
+    return collect([r[0] for r in rows]), collect([r[1] for r in rows]), out
 
 
-def teacher_metrics(world: World, ev: EvalSet, cfg: EvalConfig) -> dict[str, float]:
-    """Quality of the teacher solver's own samples and its distance to the exact ODE endpoint."""
-    q = sample_quality(ev.solver_end, ev.reference, gmm=world.gmm, seed=cfg.seed, max_points=cfg.max_points)
-    out = {k: float(q[k]) for k in QUALITY_KEYS if k in q}
-    if ev.exact_end is not None:
-        out["E_solver_vs_exact"] = float(per_sample_sq_error(ev.solver_end, ev.exact_end).mean())
-    return out
+def spectra(outputs: Tensor, evs: Sequence[EvalSet]) -> dict[str, list[float]]:
+    """Mean over members of the sample covariance spectrum, the reference's and their rank-wise ratio."""
+    s = torch.stack([covariance_spectrum(outputs[m]) for m in range(outputs.shape[0])]).mean(0)
+    r = torch.stack([covariance_spectrum(ev.reference) for ev in evs]).mean(0)
+    return {"student": s.tolist(), "reference": r.tolist(), "ratio": (s / r.clamp(min=1e-300)).tolist()}
 
 
-def regime_entry(label: str, group: str, params: dict, per_method: dict[str, dict[str, list[float]]],
-                 switches: dict | None = None) -> dict:
-    """One regime of the report schema: ``{"label", "group", "params", "switches", "methods": {m: {k: stat}}}``."""
-    return {"label": label, "group": group, "params": params, "switches": switches or {},
-            "methods": {m: {k: stat(v) for k, v in vals.items()} for m, vals in per_method.items()}}
+def teacher_metrics(world: World, evs: Sequence[EvalSet], cfg: EvalConfig) -> dict[str, dict]:
+    """The teacher solver's own samples per seed: quality and distance to the exact ODE endpoint."""
+    rows = []
+    for ev in evs:
+        q = sample_quality(ev.solver_end, ev.reference, gmm=world.gmm, seed=cfg.seed, max_points=cfg.max_points,
+                           shrinkage=True)
+        row = {k: float(q[k]) for k in QUALITY_KEYS if k in q}
+        if ev.exact_end is not None:
+            row["E_solver_vs_exact"] = float(per_sample_sq_error(ev.solver_end, ev.exact_end).mean())
+        rows.append(row)
+    return {k: common.stat(v) for k, v in collect(rows).items()}
 
 
-def markdown_table(regimes: list[dict], keys: Sequence[str], param_keys: Sequence[str]) -> str:
-    """Rows = (regime, method); columns = params then metric means ± std over seeds."""
-    head = ["regime", *param_keys, "method", *keys]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+@dataclass
+class CellResult:
+    """What ``run_cell`` returns per method: per-member metrics and per-sample terms, the one-step
+    outputs ``(E, M, d)``, convergence flags and training seconds; plus the curve recorder (curves on)."""
+
+    metrics: dict[str, dict[str, list[float]]]
+    per_sample: dict[str, dict[str, list[np.ndarray]]]
+    outputs: dict[str, Tensor]
+    converged: dict[str, list[bool]]
+    seconds: dict[str, float]
+    recorder: Any = None  # studies.curves.CurveRecorder when curves are on: .to_dict(members=slice)
+
+
+def cell_methods(curves) -> list[str]:
+    """CD and Direct CD, plus CD with an EMA target when curves ask for it."""
+    return ["cd", "direct_cd"] + (["cd_ema"] if curves.enabled and "ema" in curves.targets else [])
+
+
+def run_cell(study: str, label: str, params: Mapping[str, Any], worlds: Sequence[World], evs: Sequence[EvalSet],
+             routes: Sequence[Route], seeds: Sequence[int], network: NetworkConfig, train: TrainConfig,
+             cfg: EvalConfig, seeding: SeedConfig, curves, init_steps: int = 0, progress: bool = False,
+             methods: Sequence[str] | None = None, curve_keys: Sequence[str] = ("E", "E_exact", "w2", "mmd2",
+                                                                                 "variance_ratio")) -> CellResult:
+    """Train and evaluate one cell for every method: member m is run seed ``seeds[m]`` in ``worlds[m]``
+    on ``routes[m]``, evaluated on ``evs[m]``. Along training: E at half the budget (the convergence
+    flag) or, with ``curves.enabled``, ``curve_keys`` at every curve step (``studies.curves``)."""
+    from .curves import CurveRecorder
+
+    methods = list(methods or cell_methods(curves))
+    steps = train.train_steps
+    if curves.enabled:
+        eval_steps = list(curves.steps)
+    else:
+        eval_steps = [steps // 2] if (cfg.convergence_check and steps >= 2) else []
+    recorder = CurveRecorder(label, params, eval_steps)
+    keys = list(curves.keys or curve_keys) if curves.enabled else ["E"]
+
+    def evaluate(student):
+        if keys == ["E"]:
+            return {"E": errors_only(student, worlds[0].t_max, evs)}
+        vals, _, _ = evaluate_members(student, worlds, evs, cfg, per_sample=False)
+        return {k: vals[k] for k in keys if k in vals}
+
+    res = CellResult({}, {}, {}, {}, {})
+    for method in methods:
+        student, sec, loss = train_cell(worlds[0], method, network, train, seeds, seeding, routes,
+                                        progress=progress and f"{label} {method}", init_steps=init_steps,
+                                        eval_steps=eval_steps, on_eval=recorder.callback(method, evaluate),
+                                        ema_rate=curves.ema_rate)
+        vals, terms, out = evaluate_members(student, worlds, evs, cfg)
+        vals["final_loss"] = loss
+        res.metrics[method], res.per_sample[method], res.outputs[method] = vals, terms, out
+        res.seconds[method] = sec
+        if curves.enabled:  # the last curve step is the budget (studies.curves.check_curve_budget)
+            flags = recorder.to_dict()["converged"].get(method) or []
+            res.converged[method] = flags[-1] if flags and flags[-1] is not None else []
+        elif eval_steps:
+            res.converged[method] = evidence.converged_flags(vals["E"], recorder.points[method][eval_steps[0]]["E"])
+        log(study, f"{label} {method}: train {sec:.0f} s, E {np.mean(vals['E']):.3g}, W2 {np.mean(vals['w2']):.3g}")
+    res.recorder = recorder if curves.enabled else None
+    return res
+
+
+def markdown_table(regimes: list[dict], keys: Sequence[str], quick: bool, methods: Sequence[str] | None = None) -> str:
+    """Rows = (regime, method); metric means ± std over seeds; a converged column (seeds converged / seeds)."""
+    head = ["regime", "method", *keys, "converged"]
+    rows = []
     for r in regimes:
         for m, vals in r["methods"].items():
-            cells = [r["label"], *[str(r["params"].get(p, "")) for p in param_keys], m]
-            cells += [fmt_stat(vals[k]) if k in vals else "-" for k in keys]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            if methods and m not in methods:
+                continue
+            conv = r.get("converged", {}).get(m)
+            rows.append([r["label"], plotting.method_name(m), *[common.fmt_stat(vals.get(k)) for k in keys],
+                         f"{sum(conv)}/{len(conv)}" if conv else "-"])
+    table = common.markdown_table(head, rows)
+    return (f"**{plotting.SMOKE_LABEL}**\n\n" if quick else "") + table
 
 
-def tidy_log_axes(ax) -> None:
-    """No minor tick labels on log axes (they overlap when a panel spans less than a decade)."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+def budget_line(metrics: Mapping) -> str:
+    """The budget every finding states, and the convergence rule."""
+    b = metrics["budget"]
+    return (f"Budget: {b['train_steps']} steps x batch {b['batch_size']} per member, lr {b['lr']:g} "
+            f"({b['lr_schedule']}, {b['warmup_steps']} warm-up), EMA rate {b['ema_rate']:g}, init "
+            f"{b['init']}{' (' + str(b['init_steps']) + ' regression steps)' if b['init_steps'] else ''}. "
+            f"Converged = seeds whose {b['convergence_rule']}.")
 
-    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
-        if scale == "log":
-            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
-            axis.set_major_formatter(FormatStrFormatter("%g"))
-            axis.set_minor_formatter(NullFormatter())
+
+def merged_note(merged: Sequence[Mapping]) -> str:
+    if not merged:
+        return "No rows merged (every regime is a distinct computation)."
+    parts = [f"{m['dropped']} into {m['kept']} ({m['reason']}; {m['match']}; largest difference "
+             f"{common.fmt(m['max_abs_diff'])})" for m in merged]
+    return "Merged rows (identical computations reported once): " + "; ".join(parts) + "."
+
+
+def floor_line(floor: Mapping[str, Mapping] | None, keys: Sequence[str]) -> str:
+    if not floor:
+        return ""
+    cells_ = [f"{k} {common.fmt(floor[k]['mean'])} ± {common.fmt(floor[k]['sd'], 2)}" for k in keys if k in floor]
+    n = len(next(iter(floor.values()))["values"])
+    return f"Finite-sample floor (two independent p_0 samples, mean ± sd over {n} draws): " + ", ".join(cells_) + "."
+
+
+def verdict_table(v: Mapping) -> str:
+    """The corrected verdicts: dE and dQ (paired means with their intervals at the corrected level)."""
+    head = ["regime", "dE = E_cd - E_dcd [CI]", "dQ (> 0: CD better samples) [CI]", "level", "verdict"]
+    rows = []
+    for r in v.get("regimes", []):
+        de, dq = r["dE"], r["dQ"]
+        ci = lambda d: f"{common.fmt(d['mean'])} [{common.fmt(d['low'])}, {common.fmt(d['high'])}]"  # noqa: E731
+        rows.append([r["label"] + (" [quick]" if r.get("quick") else ""), ci(de), ci(dq), f"{r['level']:.4f}",
+                     r["verdict"]])
+    return common.markdown_table(head, rows)
 
 
 # ------------------------------------------------------------------------------------------------
 # entry point (CLI and results folder from studies.common)
 # ------------------------------------------------------------------------------------------------
-def run_study(study: str, model, quick: dict[str, Any], run: Callable, table: Callable, plot: Callable,
-              argv: list[str] | None, description: str) -> Path:
-    """Parse the common flags, resolve the config, run, write ``config.json``, ``metrics.json``,
-    ``table.md`` and ``<study>.png`` into the results folder; return the folder."""
-    from . import common
+def write_outputs(out_dir: str | Path, study: str, metrics: dict, table: Callable[[dict], str],
+                  plot: Callable[[dict, Path], Any] | None) -> None:
+    """``metrics.json``, ``table.md`` and the plots (PNG + PDF) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    common.write_json(out_dir / "metrics.json", metrics)
+    common.write_table(out_dir, table(metrics), echo=False)
+    if plot is not None:
+        plot(metrics, out_dir / f"{study}.png")
 
+
+def run_study(study: str, model, quick: dict[str, Any], run: Callable, argv: list[str] | None,
+              description: str) -> Path:
+    """Parse the common flags, resolve the config, check the results folder, then
+    ``run(cfg, out_dir=folder, progress=..., argv=argv)`` (which writes every file); return the folder."""
     args = common.parse_args(study, argv, description)
     cfg = common.resolve_config(model, args, quick)
     updates = {}
@@ -274,14 +439,7 @@ def run_study(study: str, model, quick: dict[str, Any], run: Callable, table: Ca
         updates["progress"] = False
     if updates:
         cfg = cfg.model_copy(update=updates)
-    common.set_threads(cfg.threads)
-    out = common.results_folder(study, args)
-    common.save_config(out, cfg, argv=argv, study=study, quick=bool(args.quick))
-    t0 = time.perf_counter()
-    metrics = run(cfg)
-    metrics.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0
-    common.write_json(out / "metrics.json", {"study": study, **metrics})
-    common.write_table(out, table(metrics), echo=False)
-    plot(metrics, out / f"{study}.png")
+    out = common.results_folder(study, args, quick=cfg.quick)
+    metrics = run(cfg, out_dir=out, argv=argv)
     print(f"{study}: {metrics.get('summary', '')} -> {out} ({metrics['timing']['total_seconds']:.0f} s)")
     return out

@@ -38,6 +38,7 @@ __all__ = [
     "resolve_config",
     "results_folder",
     "save_config",
+    "open_output",
     "write_json",
     "write_table",
     "markdown_table",
@@ -72,15 +73,28 @@ def parse_args(study: str, argv: Sequence[str] | None = None, description: str =
     return ap.parse_args(list(argv) if argv is not None else None)
 
 
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def resolve_config(model: type[M], args: argparse.Namespace, quick: dict[str, Any] | None = None) -> M:
-    """defaults <- ``quick`` (when ``--quick``) <- ``--config`` file <- ``--set`` overrides, validated."""
-    base = dict(quick or {}) if getattr(args, "quick", False) else {}
+    """The study's defaults <- ``quick`` (when ``--quick``) <- ``--config`` file <- ``--set`` overrides,
+    validated. Every layer is merged key by key into the study's own defaults (``model()``), so
+    ``--set train.lr=1e-3`` changes the learning rate and keeps the study's other ``train`` values
+    (not the class defaults of ``TrainConfig``)."""
+    base = model().model_dump(mode="json")
+    if getattr(args, "quick", False):
+        base = _deep_merge(base, dict(quick or {}))
     return config_from_args(model, args, base=base)
 
 
 def results_folder(study: str, args: argparse.Namespace | None = None, out: str | Path | None = None,
-                   create: bool = True) -> Path:
-    """``--out`` if given, else ``<results>/<study>/<YYYYmmdd-HHMMSS>[-quick]`` (never reused).
+                   create: bool = True, quick: bool | None = None) -> Path:
+    """``--out`` if given, else ``<results>/<study>/<YYYYmmdd-HHMMSS>[-quick]`` (never reused; ``-quick``
+    when ``quick``, default ``args.quick``).
 
     An ``--out`` folder that already holds files is refused (``InputError``) unless ``--overwrite``,
     which clears it first; an empty ``--out=`` is refused too. ``create=False`` only checks."""
@@ -98,7 +112,8 @@ def results_folder(study: str, args: argparse.Namespace | None = None, out: str 
                 shutil.rmtree(path)
     else:
         root = Path(getattr(args, "results", "results") if args is not None else "results")
-        stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if getattr(args, "quick", False) else "")
+        quick = getattr(args, "quick", False) if quick is None else quick
+        stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if quick else "")
         path = root / study / stamp
         i = 1
         while path.exists():
@@ -147,6 +162,23 @@ def save_config(folder: str | Path, config: BaseModel, argv: Sequence[str] | Non
     data = {**config.model_dump(mode="json"),
             "_provenance": {**provenance(argv), "threads": torch.get_num_threads(), **extra}}
     return write_json(Path(folder) / "config.json", data)
+
+
+def open_output(out_dir: str | Path | None, config: BaseModel, argv: Sequence[str] | None = None,
+                **extra: Any) -> Path | None:
+    """The results folder of a study's ``run(cfg, out_dir)``: None writes nothing (the Python API);
+    otherwise the folder is created (parents too) and gets ``config.json``. A folder already holding
+    ``metrics.json`` or ``config.json`` is refused (``InputError``) before anything is computed."""
+    if out_dir is None:
+        return None
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"out_dir: {path} exists and is not a folder")
+    if path.is_dir() and any((path / f).exists() for f in ("metrics.json", "config.json")):
+        raise InputError(f"out_dir: {path} already holds results; choose a new folder")
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(path, config, argv=argv, **extra)
+    return path
 
 
 def write_table(folder: str | Path, table: str, name: str = "table.md", echo: bool = True) -> Path:

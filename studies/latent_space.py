@@ -2,7 +2,8 @@
 samples are judged after a decoder, as SDXL's are after its VAE. Does a lower latent ODE error
 still mean better decoded samples?
 
-``python -m studies.latent_space [--quick] [--set key=value ...]``
+``python -m studies.latent_space [--quick] [--config FILE] [--set key=value ...] [--out DIR]``
+``metrics = studies.latent_space.run(cfg)`` (Python; ``out_dir=None`` writes nothing)
 
 Students are trained once per (method, budget) in latent space — training never sees the decoder —
 and every member is then evaluated under each decoder ``g`` of ``decoders`` (``toys.decoders``:
@@ -10,34 +11,40 @@ identity, a random MLP to D dims, a 16x16 render of the first two coordinates):
 
 * ``E`` — latent ODE error, ``mean (f_theta(x_T) - f_solver(x_T))^2`` (paper eq. 6, as on SDXL latents);
 * ``E_decoded`` — the same after decoding, ``mean (g(f_theta(x_T)) - g(f_solver(x_T)))^2``;
-* ``fd`` — Frechet distance of the decoded samples to decoded data samples
-  (``odecm.metrics.frechet_distance_features``, the FID formula on the decoded vectors);
+* ``fd`` — Frechet distance of the decoded samples to decoded p_0 samples (the exact teacher's
+  distribution; ``odecm.metrics.frechet_distance_features``, the FID formula on the decoded vectors);
 * ``w2`` — W2 between decoded point sets; ``mmd2`` only for decoders of at most ``mmd_max_dim``
   outputs (its bandwidths are in data units);
 * ``rank_correlation`` — per decoder, Spearman's rho between latent E and decoded FD over every
   trained student (methods x budgets x seeds).
+
+Each seed varies the initialisation, batches, pool, evaluation noise and reference (``studies.seeding``);
+per (decoder, budget) regime the verdict compares E with decoded FD, corrected across regimes.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from odecm.cli import run_main
 from odecm.config import StrictModel
 from odecm.metrics import frechet_distance_features, per_sample_sq_error
-from toys.ensemble import TargetPool, TrainConfig
+from toys.ensemble import Route, TrainConfig
 from toys.metrics import mmd2_unbiased, wasserstein2
 from toys.networks import NetworkConfig
 
-from . import cells
+from . import cells, common, evidence, plotting
 from .cells import DataConfig, EvalConfig, WorldConfig
+from .curves import CurveConfig, check_curve_budget, plot_curves
+from .seeding import SeedConfig
 
 STUDY = "latent_space"
-METHODS = ("cd", "direct_cd")
 Tensor = torch.Tensor
+TABLE_KEYS = ("E", "E_decoded", "fd", "w2", "mmd2", "w2_latent")
 
 
 class DecoderSpec(StrictModel):
@@ -56,29 +63,43 @@ class DecoderSpec(StrictModel):
 
 
 class LatentSpaceConfig(StrictModel):
+    quick: bool = Field(False, description="a smoke run (set by --quick): never evidence")
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
     network: NetworkConfig = NetworkConfig(width=64, depth=3)
-    train: TrainConfig = TrainConfig(train_steps=1500, batch_size=128, pool_size=2**16, log_every=100)
+    train: TrainConfig = TrainConfig(train_steps=1500, batch_size=128, pool_size=2**16, log_every=100, lr=2e-3,
+                                     lr_schedule="cosine")
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeding: SeedConfig = SeedConfig()
     budgets: list[int] = Field(default_factory=lambda: [500, 1500],
-                               description="training iterations; each budget is a full run (more students "
+                               description="training steps; each budget is a full run (more students "
                                            "for the E-vs-quality correlation)")
     decoders: list[DecoderSpec] = Field(default_factory=lambda: [
         DecoderSpec(kind="identity"), DecoderSpec(kind="random_mlp", out_dim=64), DecoderSpec(kind="render")])
     mmd_max_dim: int = Field(64, ge=1)
     init_steps: int = Field(0, ge=0, description="teacher-matching warm start before distillation (0 = random init)")
+    curves: CurveConfig = CurveConfig()
     threads: int | None = Field(1, ge=1)
     progress: bool = False
 
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.seeds or not self.budgets or not self.decoders:
+            raise ValueError("seeds, budgets and decoders must be non-empty")
+        if self.curves.enabled and self.budgets != [self.train.train_steps]:
+            raise ValueError(f"curves.enabled: set budgets=[{self.train.train_steps}] (the curve holds every budget)")
+        check_curve_budget(self.curves, self.train)
+        return self
+
 
 QUICK: dict[str, Any] = {
+    "quick": True,
     "seeds": [0, 1],
     "network": {"width": 16, "depth": 2},
     "train": {"train_steps": 40, "pool_size": 2048, "batch_size": 64, "warmup_steps": 5, "log_every": 10},
-    "eval": {"num_samples": 256, "max_points": 256},
-    "world": {"grid_size": 8},
+    "eval": {"num_samples": 256, "max_points": 256, "n_resamples": 200},
+    "world": {"grid_size": 10},
     "budgets": [20, 40],
 }
 
@@ -112,17 +133,17 @@ def build_decoder(spec: DecoderSpec, latent_dim: int) -> torch.nn.Module:
 @torch.no_grad()
 def decode(dec, x: Tensor, chunk: int = 4096) -> Tensor:
     """Decoded points flattened to ``(n, D)`` in float64."""
-    outs = [dec(x[i:i + chunk].double()) for i in range(0, x.shape[0], chunk)]
-    y = torch.cat(outs)
+    y = torch.cat([dec(x[i:i + chunk].double()) for i in range(0, x.shape[0], chunk)])
     return y.reshape(y.shape[0], -1).double()
 
 
-def decoded_metrics(x: Tensor, solver_end: Tensor, dec, ref_dec: Tensor, solver_dec: Tensor, cfg: LatentSpaceConfig,
-                    seed: int) -> dict[str, float]:
-    """E_decoded, fd, w2 (and mmd2 for small D) of latent samples ``x`` under decoder ``dec``."""
+def decoded_metrics(x: Tensor, dec, ref_dec: Tensor, solver_dec: Tensor, cfg: LatentSpaceConfig,
+                    seed: int) -> tuple[dict[str, float], np.ndarray]:
+    """E_decoded, fd, w2 (and mmd2 for small D) of latent samples ``x`` under decoder ``dec``; also the
+    per-sample decoded errors."""
     y = decode(dec, x)
-    out = {"E_decoded": float(per_sample_sq_error(y, solver_dec).mean()),
-           "fd": frechet_distance_features(y, ref_dec)}
+    e_i = per_sample_sq_error(y, solver_dec)
+    out = {"E_decoded": float(e_i.mean()), "fd": frechet_distance_features(y, ref_dec)}
     g = torch.Generator().manual_seed(seed)
     mp = cfg.eval.max_points
     iy = torch.randperm(y.shape[0], generator=g)[:mp]
@@ -130,138 +151,156 @@ def decoded_metrics(x: Tensor, solver_end: Tensor, dec, ref_dec: Tensor, solver_
     out["w2"] = wasserstein2(y[iy], ref_dec[ir])
     if y.shape[1] <= cfg.mmd_max_dim:
         out["mmd2"] = mmd2_unbiased(y[iy], ref_dec[ir])
-    return out
+    return out, e_i.numpy()
 
 
-def run(cfg: LatentSpaceConfig) -> dict:
-    from .report import spearman
+def decoder_floor(world: cells.World, dec, cfg: LatentSpaceConfig) -> dict[str, dict]:
+    """FD between two independent decoded p_0 samples of the evaluation size, over >= 10 draws."""
+    n = cfg.eval.num_samples
 
-    t0 = time.perf_counter()
+    def draw(s: int) -> dict[str, float]:
+        a = world.gmm.sample_p0(n, torch.Generator().manual_seed(s + 1), dtype=torch.float64)[0]
+        b = world.gmm.sample_p0(n, torch.Generator().manual_seed(s + 2), dtype=torch.float64)[0]
+        return {"fd": frechet_distance_features(decode(dec, a), decode(dec, b))}
+    return evidence.floor_block(draw, cfg.eval.floor_draws, seed=cfg.eval.seed)
+
+
+def run(cfg: LatentSpaceConfig, out_dir=None, progress: bool | None = None, argv=None) -> dict:
+    """Run the study; return the metrics dict (``studies.evidence`` schema). With ``out_dir`` the folder
+    gets ``config.json``, ``metrics.json``, ``table.md`` and the figures (PNG + PDF)."""
+    from scipy.stats import spearmanr
+
+    out = common.open_output(out_dir, cfg, argv, study=STUDY)
+    common.set_threads(cfg.threads)
+    progress = cfg.progress if progress is None else progress
+    t_start = time.perf_counter()
+    seeds = list(cfg.seeds)
     world = cells.build_world(cfg.data, cfg.world)
-    ev = cells.make_eval_set(world, cfg.eval, floor=False)
-    pool = TargetPool.build(world.teacher, world.solver, world.grid, world.schedule, world.sample_data,
-                            cfg.train.pool_size, cfg.train.pool_seed)
+    evs = [cells.make_eval_set(world, cfg.eval, cfg.seeding.seed_for("eval_noise", s),
+                               cfg.seeding.seed_for("reference", s)) for s in seeds]
+    pools = cells.build_pools(world, cfg.train, cfg.seeding, seeds)
+    routes = [Route(world.teacher, world.solver, pools[s], label="exact (latent)") for s in seeds]
     net = cfg.network.model_copy(update={"dim": cfg.data.dim})
-    timing = {"world": time.perf_counter() - t0}
+    timing = {"world": time.perf_counter() - t_start}
     # 1. students, trained once in latent space
-    outputs: dict[tuple[str, int], Tensor] = {}
-    latent: dict[tuple[str, int], dict[str, list[float]]] = {}
+    cellres: dict[int, cells.CellResult] = {}
+    curves = []
     for steps in cfg.budgets:
         tr = cfg.train.model_copy(update={"train_steps": steps, "warmup_steps": min(cfg.train.warmup_steps, steps // 4)})
-        for method in METHODS:
-            t1 = time.perf_counter()
-            student, sec, loss = cells.train_cell(world, method, net, tr, cfg.seeds, pool, init_steps=cfg.init_steps,
-                                                  progress=cfg.progress and f"{method} iters={steps}")
-            metrics, out = cells.evaluate_members(student, world, ev, cfg.eval)
-            metrics["final_loss"] = loss
-            outputs[(method, steps)], latent[(method, steps)] = out, metrics
-            timing[f"{method} iters={steps}"] = time.perf_counter() - t1
-            cells.log(STUDY, f"{method} iters={steps}: {timing[f'{method} iters={steps}']:.0f} s")
+        t1 = time.perf_counter()
+        cellres[steps] = cells.run_cell(STUDY, f"steps={steps}", {"train_steps": steps}, [world] * len(seeds), evs,
+                                        routes, seeds, net, tr, cfg.eval, cfg.seeding, cfg.curves, cfg.init_steps,
+                                        progress)
+        timing[f"steps={steps}"] = time.perf_counter() - t1
+        if cellres[steps].recorder is not None:
+            curves.append(cellres[steps].recorder.to_dict(label=f"latent, steps={steps}"))
     # 2. every decoder on every student
-    regimes, rank_corr, floors, teacher = [], {}, {}, {}
-    ref2 = world.gmm.sample_p0(cfg.eval.num_samples, torch.Generator().manual_seed(cfg.eval.seed + 2),
-                               dtype=torch.float64)[0]
-    scatter = {}
+    regimes, rank_corr, floors, teacher, scatter = [], {}, {}, {}, {}
     for spec in cfg.decoders:
         t1 = time.perf_counter()
         dec = build_decoder(spec, cfg.data.dim)
-        ref_dec, solver_dec = decode(dec, ev.reference), decode(dec, ev.solver_end)
-        floors[spec.name] = {"fd": frechet_distance_features(decode(dec, ref2), ref_dec)}
-        teacher[spec.name] = decoded_metrics(ev.solver_end, ev.solver_end, dec, ref_dec, solver_dec, cfg, cfg.eval.seed)
-        teacher[spec.name]["out_dim"] = int(ref_dec.shape[1])
+        refs = [decode(dec, ev.reference) for ev in evs]
+        solver_decs = [decode(dec, ev.solver_end) for ev in evs]
+        floors[spec.name] = decoder_floor(world, dec, cfg)
+        trows = [decoded_metrics(ev.solver_end, dec, refs[k], solver_decs[k], cfg, cfg.eval.seed)[0]
+                 for k, ev in enumerate(evs)]
+        teacher[spec.name] = {k: common.stat(v) for k, v in cells.collect(trows).items()}
+        teacher[spec.name]["out_dim"] = int(refs[0].shape[1])
         pts = []
-        for steps in cfg.budgets:
-            per = {}
-            for method in METHODS:
-                out = outputs[(method, steps)]
-                rows = [decoded_metrics(out[m], ev.solver_end, dec, ref_dec, solver_dec, cfg, cfg.eval.seed)
-                        for m in range(out.shape[0])]
-                vals = cells.collect(rows)
-                lat = latent[(method, steps)]
-                vals = {"E": lat["E"], "E_exact": lat.get("E_exact", []), "w2_latent": lat["w2"],
-                        "final_loss": lat["final_loss"], **vals}
-                per[method] = {k: v for k, v in vals.items() if v}
+        for steps, res in cellres.items():
+            per, samples = {}, {}
+            for method, lat in res.metrics.items():
+                rows = [decoded_metrics(res.outputs[method][k], dec, refs[k], solver_decs[k], cfg, cfg.eval.seed)
+                        for k in range(len(seeds))]
+                vals = cells.collect([r[0] for r in rows])
+                per[method] = {"E": lat["E"], "E_exact": lat.get("E_exact", []), "w2_latent": lat["w2"],
+                               "final_loss": lat["final_loss"], **vals}
+                samples[method] = {"E": res.per_sample[method]["E"], "E_decoded": [r[1] for r in rows]}
                 pts += [(method, steps, e, f) for e, f in zip(lat["E"], vals["fd"])]
-            regimes.append(cells.regime_entry(f"{spec.name} iters={steps}", "decoder",
-                                              {"decoder": spec.name, "iters": steps,
-                                               "out_dim": int(ref_dec.shape[1])}, per,
-                                              switches={"score_error": 0.0, "decoder": spec.name}))
-        rank_corr[spec.name] = spearman([p[2] for p in pts], [p[3] for p in pts])
+            r = evidence.regime_entry(f"{spec.name} steps={steps}", "decoder",
+                                      {"decoder": spec.name, "train_steps": steps, "out_dim": int(refs[0].shape[1])},
+                                      per, switches={"score_error": 0.0, "decoder": spec.name},
+                                      converged=res.converged)
+            r["eval_intervals"] = evidence.eval_intervals({m: samples[m] for m in evidence.METHODS},
+                                                          cfg.eval.n_resamples, seed=cfg.eval.seed)
+            regimes.append(evidence.add_differences(r))
+        rho = spearmanr([p[2] for p in pts], [p[3] for p in pts]).statistic if len(pts) > 2 else float("nan")
+        rank_corr[spec.name] = float(rho)
         scatter[spec.name] = pts
         timing[f"decode {spec.name}"] = time.perf_counter() - t1
         cells.log(STUDY, f"decoder {spec.name}: {timing[f'decode {spec.name}']:.0f} s")
-    return {
-        "quality": {"key": "fd", "label": "Frechet distance of decoded samples to decoded data (lower = better)"},
+    v = evidence.verdicts(regimes, "fd", quick=cfg.quick)
+    timing["total_seconds"] = time.perf_counter() - t_start
+    metrics = {
+        "study": STUDY, "quick": cfg.quick,
+        "budget": evidence.budget_block(cfg.train, cfg.init_steps, cfg.world.grid_size, budgets=cfg.budgets),
+        "quality": {"key": "fd", "label": "Frechet distance of decoded samples to decoded teacher samples (= p_0)",
+                    "higher_is_better": False},
+        "quality_p0": {"key": "fd", "label": "Frechet distance of decoded samples to decoded p_0"},
         "metric_keys": ["E", "E_exact", "E_decoded", "fd", "w2", "mmd2", "w2_latent", "final_loss"],
         "alt_quality_keys": ["w2", "mmd2", "w2_latent"],
-        "regimes": regimes,
-        "rank_correlation": rank_corr,
-        "scatter": scatter,
-        "floor": floors,
-        "teacher": teacher,
-        "timing": timing,
-        "summary": summarize(regimes, rank_corr),
+        "regimes": regimes, "merged": [], "verdicts": v,
+        "rank_correlation": rank_corr, "scatter": scatter, "floor": floors, "teacher": teacher,
+        "curves": curves, "seeding": cfg.seeding.model_dump(), "timing": timing,
+        "summary": summarize(v, rank_corr, cfg.quick),
     }
+    if out is not None:
+        cells.write_outputs(out, STUDY, metrics, table, plot)
+        if curves:
+            plot_curves(curves, out / "curves.png", ["E", "E_exact", "w2"], cfg.quick,
+                        "Latent space: training-budget curves (latent metrics)")
+    return metrics
 
 
-def summarize(regimes: list[dict], rank_corr: dict[str, float]) -> str:
-    from .common import fmt
-    from .report import regime_verdicts
-
-    comps = regime_verdicts({"quality": {"key": "fd"}, "regimes": regimes})
-    para = [c.label for c in comps if c.paradox]
-    rho = ", ".join(f"{k} {fmt(v)}" for k, v in rank_corr.items())
-    return (f"{len(para)}/{len(comps)} (decoder, budget) regimes show the paradox (CD lower decoded FD, "
-            f"Direct CD lower latent E)" + (f": {', '.join(para)}" if para else "")
-            + f". Spearman(latent E, decoded FD) over all students: {rho}.")
+def summarize(v: dict, rank_corr: dict[str, float], quick: bool) -> str:
+    rho = ", ".join(f"{k} {common.fmt(r)}" for k, r in rank_corr.items())
+    return (evidence.summary_line(v, quick, "decoded FD")
+            + f" Spearman(latent E, decoded FD) over all students: {rho}.")
 
 
-def plot(metrics: dict, path) -> None:
-    from . import common
-
+def plot(metrics: dict, path) -> list:
     decs = list(metrics["scatter"])
     if not decs:
-        return
-    fig, axes = common.new_figure(1, len(decs), size=(3.4, 3.2))
+        return []
+    fig, axes = plotting.new_figure(1, len(decs), size=(3.4, 3.2))
     budgets = sorted({p[1] for pts in metrics["scatter"].values() for p in pts})
     markers = dict(zip(budgets, "osD^v"))
     for j, d in enumerate(decs):
         ax = axes[0, j]
-        for method, color in (("cd", "C0"), ("direct_cd", "C3")):
+        for method in evidence.METHODS:
             for b in budgets:
                 pts = [p for p in metrics["scatter"][d] if p[0] == method and p[1] == b]
-                ax.scatter([p[2] for p in pts], [p[3] for p in pts], c=color, marker=markers[b], s=18,
-                           label=f"{'CD' if method == 'cd' else 'Direct CD'} {b} it")
-        fl = metrics["floor"].get(d, {}).get("fd")
-        if fl is not None:
-            ax.axhline(fl, color="gray", lw=0.8, ls=":", label="FD floor")
+                ax.scatter([p[2] for p in pts], [p[3] for p in pts], c=plotting.METHOD_COLORS[method],
+                           marker=markers[b], s=18, label=f"{plotting.method_name(method)}, {b} steps")
+        plotting.floor_band(ax, metrics["floor"].get(d, {}).get("fd"))
         ax.set_xscale("log")
         ax.set_yscale("log")
-        cells.tidy_log_axes(ax)
-        ax.set_xlabel("latent ODE error E")
-        ax.set_ylabel("decoded FD")
+        plotting.tidy_log_axes(ax)
+        ax.set_xlabel(plotting.label("E"), fontsize=7)
+        ax.set_ylabel(plotting.label("fd"), fontsize=7)
         rho = metrics["rank_correlation"].get(d)
-        ax.set_title(f"{d}: Spearman {rho:+.2f}" if rho == rho else d, fontsize=9)
-        if j == 0:
-            ax.legend(fontsize=6)
-    fig.suptitle("Latent space: latent E vs decoded sample quality (one point per student)", fontsize=9)
-    common.save_figure(fig, path)
+        ax.set_title(f"decoder {d}: Spearman {rho:+.2f}" if rho == rho else f"decoder {d}", fontsize=9)
+    plotting.legend_outside(fig, axes, ncol=4)
+    fig.suptitle(plotting.title("Latent space: latent E vs decoded sample quality (one point per student)",
+                                metrics["quick"]), fontsize=9)
+    return plotting.save(fig, path, rect=(0, 0.1, 1, 0.95))
 
 
 def table(metrics: dict) -> str:
-    from .common import fmt
-
-    keys = ["E", "E_decoded", "fd", "w2", "mmd2", "w2_latent"]
-    lines = [f"# {STUDY}", "", metrics["summary"], "", cells.markdown_table(metrics["regimes"], keys, []), "",
-             "| decoder | out dim | Spearman(latent E, FD) | FD floor | teacher solver FD |", "|---|---|---|---|---|"]
+    fmt = common.fmt
+    lines = [f"# {STUDY}", "", metrics["summary"], "", cells.budget_line(metrics), "",
+             cells.markdown_table(metrics["regimes"], TABLE_KEYS, metrics["quick"]), "",
+             "Verdicts (quality: decoded FD):", "", cells.verdict_table(metrics["verdicts"]), "",
+             "| decoder | out dim | Spearman(latent E, FD) | FD floor (mean ± sd) | teacher solver FD |", "|---|---|---|---|---|"]
     for d, rho in metrics["rank_correlation"].items():
-        lines.append(f"| {d} | {metrics['teacher'][d]['out_dim']} | {fmt(rho)} | {fmt(metrics['floor'][d]['fd'])} | "
-                     f"{fmt(metrics['teacher'][d]['fd'])} |")
+        fl = metrics["floor"][d]["fd"]
+        lines.append(f"| {d} | {metrics['teacher'][d]['out_dim']} | {fmt(rho)} | {fmt(fl['mean'])} ± {fmt(fl['sd'], 2)} | "
+                     f"{fmt(metrics['teacher'][d]['fd']['mean'])} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cells.run_study(STUDY, LatentSpaceConfig, QUICK, run, table, plot, argv, __doc__.splitlines()[0])
+    cells.run_study(STUDY, LatentSpaceConfig, QUICK, run, argv, __doc__.splitlines()[0])
     return 0
 
 

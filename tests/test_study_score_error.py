@@ -1,4 +1,5 @@
-"""studies.score_error: smoke run of the main job (tiny settings), its outputs, and determinism."""
+"""studies.score_error: smoke run of the main job (tiny settings), its outputs, the Python API, merged rows,
+curves, determinism and config errors."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import pytest
 import torch
 
 from studies import score_error
-from studies.common import ConfigError
+from studies.common import ConfigError, InputError
 
 TINY = ["train.train_steps=40", "train.pool_size=1024", "train.batch_size=32", "eval.num_samples=150",
-        "eval.max_points=100", "eval.score_error_samples=32", "network.width=16", "network.depth=2",
-        "solvers=[ddim]"]
+        "eval.max_points=100", "eval.score_error_samples=32", "eval.n_resamples=100", "network.width=16",
+        "network.depth=2", "solvers=[ddim]"]
 
 
 @pytest.fixture(autouse=True)
@@ -21,33 +22,50 @@ def _restore_threads():
     torch.set_num_threads(old)
 
 
-def test_quick_smoke_writes_results(tmp_path):
+def _sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+def test_quick_smoke_writes_results_marked_as_smoke(tmp_path):
     out = tmp_path / "run"
-    args = ["--quick", "--out", str(out), "--no-progress"] + [a for s in TINY for a in ("--set", s)]
-    metrics = score_error.main(args)
-    for name in ("config.json", "metrics.json", "table.md", "samples.png", "metrics_vs_score_error.png"):
+    metrics = score_error.main(["--quick", "--out", str(out), "--no-progress"] + _sets(TINY))
+    for name in ("config.json", "metrics.json", "table.md", "samples.png", "samples.pdf",
+                 "metrics_vs_score_error.png", "metrics_vs_score_error.pdf"):
         assert (out / name).stat().st_size > 0, name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["train"]["train_steps"] == 40 and cfg["seeds"] == [0, 1]
+    assert cfg["quick"] is True and cfg["train"]["train_steps"] == 40 and cfg["seeds"] == [0, 1]
     prov = cfg["_provenance"]
-    assert prov["quick"] is True and len(prov["git_commit"] or "x" * 40) == 40 and prov["versions"]["torch"]
+    assert len(prov["git_commit"] or "x" * 40) == 40 and prov["versions"]["torch"]
     saved = json.loads((out / "metrics.json").read_text())
+    assert saved["quick"] is True and saved["study"] == "score_error"
+    assert saved["quality"]["key"] == "w2_teacher" and saved["quality_p0"]["key"] == "w2_p0"
     assert len(saved["runs"]) == 2 * 2 * 1 * 2  # teachers x methods x solvers x seeds
+    assert all(v["quick"] for v in saved["verdicts"]["regimes"]) and saved["verdicts"]["correction"]["method"] == "holm"
     table = (out / "table.md").read_text()
+    assert "SMOKE RUN" in table and "[quick: not evidence]" in table
     for teacher in ("exact", "wrong_gmm(0.3)"):
-        for method in ("| cd |", "| direct_cd |", "*chain:ddim*", "*teacher_ode*"):
-            assert any(teacher in line and method in line for line in table.splitlines()), (teacher, method)
-    assert "*true_ode*" in table and "| floor |" in table
+        assert any(line.startswith(f"| {teacher} / ddim | ") and "| CD |" in line for line in table.splitlines())
+    assert "*chain:ddim*" in table and "*teacher_ode*" in table and "*true_ode*" in table
     refs = {(r["teacher"], r["method"]): r for r in metrics["references"]}
     # the exact teacher's ODE is the true ODE; its chain has zero error against itself
-    assert refs[("exact", "teacher_ode")]["E_true_ode"] < 1e-8
-    assert refs[("exact", "chain:ddim")]["E_solver"] == 0.0
-    # the wrong teacher's ODE is off the true ODE, and its score error is larger than the exact one's
-    assert refs[("wrong_gmm(0.3)", "teacher_ode")]["E_true_ode"] > 1e-3
+    assert refs[("exact", "teacher_ode")]["E_true_ode"]["mean"] < 1e-8
+    assert refs[("exact", "chain:ddim")]["E_solver"]["mean"] == 0.0
+    assert refs[("wrong_gmm(0.3)", "teacher_ode")]["E_true_ode"]["mean"] > 1e-3
     t = metrics["teachers"]
     assert t["wrong_gmm(0.3)"]["score_error"] > 1e-3 > t["exact"]["score_error"]
-    for r in metrics["runs"]:
-        assert r["E_solver"] > 0 and r["w2_p0"] > 0
+    # schema of a regime: per-seed values, convergence flags, intervals, mechanism (not for the exact teacher)
+    reg = {r["label"]: r for r in saved["regimes"]}
+    wrong = reg["wrong_gmm(0.3) / ddim"]
+    assert len(wrong["methods"]["cd"]["E_solver"]["values"]) == 2 and len(wrong["converged"]["cd"]) == 2
+    assert set(wrong["eval_intervals"]["paired"]) >= {"E_solver", "nll_p0", "precision_teacher"}
+    assert len(wrong["mechanism"]["cd"]) == 2 and "mech_correlation" in wrong["methods"]["cd"]
+    assert "mech_correlation" not in reg["exact / ddim"]["methods"]["cd"]
+    assert len(saved["floor"]["w2_p0"]["values"]) >= 10
+    assert saved["floor_teacher"]["wrong_gmm(0.3)"]["approximate"] is False
+    # replaying the config keeps the smoke mark
+    again = score_error.main(["--config", str(out / "config.json"), "--out", str(tmp_path / "again"), "--no-progress",
+                             "--set", "plots=false"])
+    assert again["quick"] is True and again["runs"] == metrics["runs"]
 
 
 SMALL = [s for s in TINY if not s.startswith("train.train_steps=")] + [
@@ -57,14 +75,70 @@ SMALL = [s for s in TINY if not s.startswith("train.train_steps=")] + [
 
 def test_deterministic_given_seeds_and_replayable_from_config_json(tmp_path):
     # both override forms: one --set with several pairs, and repeated --set
-    args = ["--out", str(tmp_path / "r0"), "--no-progress", "--set", *SMALL[:3]] + [a for s in SMALL[3:] for a in ("--set", s)]
+    args = ["--out", str(tmp_path / "r0"), "--no-progress", "--set", *SMALL[:3]] + _sets(SMALL[3:])
     first = score_error.main(args)["runs"]
-    again = score_error.main(["--out", str(tmp_path / "r1"), "--no-progress"] + [a for s in SMALL for a in ("--set", s)])
+    again = score_error.main(["--out", str(tmp_path / "r1"), "--no-progress"] + _sets(SMALL))
     assert again["runs"] == first
-    # the config.json a run writes is a valid --config and reproduces the numbers exactly
     replay = score_error.main(["--config", str(tmp_path / "r0" / "config.json"), "--out", str(tmp_path / "r2"),
                                "--no-progress"])
     assert replay["runs"] == first
+
+
+def _cfg(*sets):
+    from studies.common import parse_args, resolve_config
+
+    keys = {s.split("=", 1)[0] for s in sets}
+    base = [s for s in SMALL if s.split("=", 1)[0] not in keys]
+    return resolve_config(score_error.ScoreErrorConfig, parse_args("score_error", _sets([*base, *sets])))
+
+
+def test_python_api_returns_results_and_writes_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg()
+    res = score_error.run(cfg)
+    assert res["study"] == "score_error" and res["runs"] and list(tmp_path.iterdir()) == []
+    nested = tmp_path / "new" / "nested"
+    res2 = score_error.run(cfg, nested)
+    assert (nested / "metrics.json").exists() and (nested / "config.json").exists()
+    assert res2["runs"] == res["runs"]
+    with pytest.raises(InputError, match="already holds results"):
+        score_error.run(cfg, nested)
+
+
+def test_edm_euler_rows_merge_into_ddim_and_paper_solvers_give_distinct_rows():
+    res = score_error.run(_cfg("solvers=[ddim,euler,euler_vp,heun_vp]", "methods=[cd,direct_cd]", "seeds=[0,1]"))
+    labels = [r["label"] for r in res["regimes"]]
+    assert labels == ["exact / ddim=euler", "exact / euler_vp", "exact / heun_vp"]
+    (m,) = res["merged"]
+    assert (m["kept"], m["dropped"], m["reason"]) == ("ddim", "euler", "declared")
+    chains = {r["solver"]: r for r in res["references"] if r["method"].startswith("chain:")}
+    e = {s: chains[s]["E_true_ode"]["mean"] for s in ("ddim", "euler_vp", "heun_vp")}
+    assert len({round(v, 12) for v in e.values()}) == 3  # three different solvers, three different endpoints
+
+
+def test_curves_and_teacher_initialisation(tmp_path):
+    res = score_error.run(_cfg("curves.enabled=true", "curves.steps=[4,8,16]", "train.train_steps=16",
+                               "train.warmup_steps=2", "curves.targets=[stop_gradient,ema]", "inits=[scratch,teacher]",
+                               "init_steps=3", "methods=[cd,direct_cd]", "seeds=[0,1]"))
+    curves = {c["label"]: c for c in res["curves"]}
+    assert set(curves) == {"exact / ddim / init=scratch", "exact / ddim / init=teacher"}
+    c = curves["exact / ddim / init=teacher"]
+    assert c["steps"] == [4, 8, 16] and set(c["methods"]) == {"cd", "direct_cd", "cd_ema"}
+    assert len(c["methods"]["cd"]["E_solver"]["values"][0]) == 2  # per seed
+    assert c["converged"]["cd"][0] is None and len(c["converged"]["cd"][1]) == 2
+    regs = {r["label"]: r for r in res["regimes"]}
+    assert set(regs) == {"exact / ddim / init=scratch", "exact / ddim / init=teacher"}
+    assert regs["exact / ddim / init=teacher"]["converged"]["cd"] == c["converged"]["cd"][-1]
+
+
+def test_set_keeps_the_study_defaults_of_a_nested_block():
+    """``--set train.batch_size=64`` changes one value; the study's other train values stay (not TrainConfig's)."""
+    from studies.common import parse_args, resolve_config
+
+    cfg = resolve_config(score_error.ScoreErrorConfig, parse_args("score_error", ["--set", "train.batch_size=64"]))
+    assert (cfg.train.batch_size, cfg.train.train_steps, cfg.train.pool_size) == (64, 1500, 65536)
+    quick = resolve_config(score_error.ScoreErrorConfig, parse_args("score_error", ["--quick"]), score_error.QUICK)
+    assert quick.quick is True and quick.train.train_steps == 250 and quick.network.time_input == "t"
 
 
 def test_a_key_given_twice_is_an_error(tmp_path):
@@ -78,7 +152,7 @@ def test_out_folder_with_results_is_refused(tmp_path):
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match="already holds results"):
-        score_error.main(["--out", str(out), "--no-progress"] + [a for s in SMALL for a in ("--set", s)])
+        score_error.main(["--out", str(out), "--no-progress"] + _sets(SMALL))
     assert (out / "metrics.json").read_text() == "{}"
 
 
@@ -91,3 +165,7 @@ def test_config_errors_name_the_key(tmp_path):
         score_error.main(["--out", str(tmp_path), "--set", "num_steps=10"])
     with pytest.raises(ConfigError, match="train.steps: renamed; use train.train_steps"):
         score_error.main(["--out", str(tmp_path), "--set", "train.steps=10"])
+    with pytest.raises(ConfigError, match="curves"):
+        score_error.main(["--out", str(tmp_path), "--set", "curves.enabled=true"])
+    with pytest.raises(ConfigError, match="hold_fixed"):
+        score_error.main(["--out", str(tmp_path), "--set", "seeding.hold_fixed=[weather]"])
