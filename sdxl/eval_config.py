@@ -2,8 +2,8 @@
 unknown keys are errors that name the key and the allowed values).
 
 ``ReferenceConfig`` (``python -m sdxl.reference``), ``SampleConfig`` (``python -m sdxl.sample``),
-``EvaluateConfig`` (``python -m sdxl.evaluate``). ``model.pretrained="tiny"`` builds a tiny random
-SDXL-architecture pipeline under ``<cache_dir>/tiny_sdxl`` (CPU smoke runs).
+``EvaluateConfig`` (``python -m sdxl.evaluate``). ``model.pretrained="tiny"`` is the tiny random
+SDXL-architecture pipeline that ``sdxl.train`` uses for ``tiny`` (built once into odecm's cache; CPU smoke runs).
 
 Timestep indexing (``model.timestep_offset``, ``odecm.schedules``): 1 = the paper's code (the UNet sees
 1..1000; skip grid N = 100: 1000, 990, ..., 10 -> 0, where t = 0 is clean data), 0 = diffusers (0..999;
@@ -164,16 +164,14 @@ class EvaluateConfig(StrictModel):
     progress: bool = True
 
 
-def resolve_model(model, cache_dir: str | Path) -> str:
-    """Hub id / folder as given; ``"tiny"`` -> a tiny random pipeline under ``<cache_dir>/tiny_sdxl``."""
+def resolve_model(model, cache_dir: str | Path | None = None) -> str:
+    """Hub id / folder as given; ``"tiny"`` -> the tiny random SDXL (seed 0) that training uses too, built once
+    into odecm's cache (``sdxl.tiny.cached_tiny_sdxl``; ``$ODECM_CACHE``, default ``~/.cache/odecm``)."""
     if model.pretrained != "tiny":
         return model.pretrained
-    from .tiny import build_tiny_sdxl
+    from .tiny import cached_tiny_sdxl
 
-    folder = Path(cache_dir) / "tiny_sdxl"
-    if not (folder / "model_index.json").exists():
-        build_tiny_sdxl(folder, seed=0)
-    return str(folder)
+    return str(cached_tiny_sdxl(seed=0))
 
 
 def cli_config(model_cls, argv=None, description: str = "", prog: str | None = None):

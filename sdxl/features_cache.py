@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor

@@ -9,8 +9,8 @@ initial noise** ``x_T^(i)`` as the teacher reference (read from the reference fo
         if j < k - 1: x <- alpha(t_{j+1}) x0 + sigma(t_{j+1}) z_j,   z_j ~ N(0, I)
     sample = x0
 
-Indexing. Each student is sampled in its own timestep indexing, read from its training run's
-``config.json`` (next to the LoRA / student folder or up to two folders above): ``model.timestep_offset``
+Indexing. Each student is sampled in its own timestep indexing, read from ``odecm_student.json`` next to
+the LoRA or its training run's ``config.json`` (up to two folders above): ``model.timestep_offset``
 1 (paper) gives the timesteps above, 0 (diffusers) gives [999], [999, 499], [999, 749, 499, 249]. The
 student's, the reference's and the request's (``model.timestep_offset``) indexing must agree; a mismatch
 is an error naming all three. A student without a run config needs ``model.timestep_offset`` given.
@@ -68,15 +68,34 @@ def multistep_sample(student: Callable[[Tensor, Tensor, Any], Tensor], schedule,
 
 
 # ------------------------------------------------------------------------------------------- run config
+def _from_student_info(info: dict) -> dict:
+    """``odecm_student.json`` (written by sdxl.train next to the LoRA) in the shape of a run config."""
+    return {"model": {"timestep_offset": info.get("timestep_offset"), "pretrained": info.get("model")},
+            "student": {k: info[k] for k in ("sigma_data", "timestep_scaling") if k in info},
+            "teacher": {k: info[k] for k in ("guidance_scale", "cfg_convention", "uncond") if k in info},
+            "distill": {k: info[k] for k in ("method", "solver", "grid_size") if k in info}}
+
+
 def find_run_config(weights: str | None) -> tuple[Path | None, dict]:
-    """A training run's resolved config (``config.json`` / ``config.yaml`` / ``resolved_config.json`` with a
-    ``distill`` section) in the weights folder or up to two folders above; ``(None, {})`` if there is none."""
+    """What the student was trained with: ``odecm_student.json`` in the weights folder (it travels with the
+    LoRA), else a training run's resolved config (``config.json`` / ``config.yaml`` / ``resolved_config.json``
+    with a ``distill`` section) in the weights folder or up to two folders above; ``(None, {})`` if none."""
     if weights is None:
         return None, {}
     import yaml
 
+    from .student import STUDENT_INFO
+
     p = Path(weights)
     start = p if p.is_dir() else p.parent
+    info = start / STUDENT_INFO
+    if info.is_file():
+        try:
+            data = json.loads(info.read_text())
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and "method" in data:
+            return info, _from_student_info(data)
     for folder in [start, *list(start.parents)[:2]]:
         for name in ("config.json", "config.yaml", "resolved_config.json"):
             f = folder / name

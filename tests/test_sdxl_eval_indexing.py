@@ -112,3 +112,17 @@ def test_indexing_disagreement_names_all_three(tmp_path):
     plan = plan_sample(SampleConfig(reference=str(ref1), weights=str(lora), out_dir=str(tmp_path / "out")))
     assert plan.offset == 1 and plan.labels == {"method": "cd", "solver": "ddim"} and plan.model.timestep_offset == 1
     assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+def test_indexing_read_from_student_info_next_to_the_lora(tmp_path):
+    """A LoRA folder copied without its run keeps ``odecm_student.json`` (sdxl.train writes it): that is enough."""
+    ref = fake_reference(tmp_path / "ref", offset=1)
+    lora = fake_run(tmp_path / "copied", config=False)
+    (lora / "odecm_student.json").write_text(json.dumps({
+        "grid_size": 10, "timestep_offset": 0, "sigma_data": 0.5, "timestep_scaling": 10.0, "method": "direct_cd",
+        "solver": "heun_vp", "guidance_scale": 9.0, "cfg_convention": "imagen", "model": "tiny"}))
+    with pytest.raises(InputError, match=r"student=0 \(.*odecm_student.json\), reference=1"):
+        plan_sample(SampleConfig(reference=str(ref), weights=str(lora), out_dir=str(tmp_path / "out")))
+    ref_heun = fake_reference(tmp_path / "ref0", offset=0, solver="heun_vp")
+    plan = plan_sample(SampleConfig(reference=str(ref_heun), weights=str(lora), out_dir=str(tmp_path / "out")))
+    assert plan.offset == 0 and plan.labels == {"method": "direct_cd", "solver": "heun_vp"}
