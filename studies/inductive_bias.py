@@ -236,19 +236,14 @@ def plot(metrics: dict, path) -> list:
             for m in evidence.METHODS:
                 mean = [r["methods"][m][key]["mean"] for r in rs]
                 std = [r["methods"][m][key]["std"] for r in rs]
-                ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, ls="none", color=plotting.METHOD_COLORS[m],
+                dx = -0.08 if m == "cd" else 0.08  # side by side, not on top of each other
+                ax.errorbar([x + dx for x in xs], mean, yerr=std, marker="o", capsize=3, ls="none",
+                            color=plotting.METHOD_COLORS[m],
                             label=plotting.method_name(m))
-            if key == "w2":
-                floors = {r.get("world") for r in rs}
-                for k, world in enumerate(sorted(f for f in floors if f)):
-                    fl = metrics["floor"].get(world, {}).get("w2")
-                    if fl and len(floors) == 1:
-                        plotting.floor_band(ax, fl)
-                    elif fl:  # one floor per world (dimension sweep): a short band under its column
-                        x = [i for i, r in enumerate(rs) if r.get("world") == world]
-                        lo, hi = fl["mean"] - 2 * fl["sd"], fl["mean"] + 2 * fl["sd"]
-                        ax.fill_between([x[0] - 0.3, x[-1] + 0.3], lo, hi, color="0.6", alpha=0.3, lw=0,
-                                        label="finite-sample floor (mean ± 2 sd, 10+ draws)" if k == 0 else None)
+            if key == "w2":  # one floor per world (the dimension sweep has several)
+                for world in dict.fromkeys(r.get("world") for r in rs):
+                    x = [i for i, r in enumerate(rs) if r.get("world") == world]
+                    plotting.floor_band(ax, metrics["floor"].get(world, {}).get("w2"), span=(x[0] - 0.4, x[-1] + 0.4))
             ax.set_xticks(xs, [r["label"].split(" (")[0].replace(" ", "\n") for r in rs], fontsize=7)
             ax.set_xlim(-0.5, len(rs) - 0.5)
             ax.set_yscale("log")

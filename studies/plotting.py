@@ -53,6 +53,10 @@ LABELS: dict[str, str] = {
     "mech_correction": "fraction of the teacher's error the student undoes",
     "mech_cosine": "mean cosine(teacher's error, student's own error)",
     "train_steps": "training steps (optimizer steps)",
+    # the exact-teacher studies (studies.cells): the reference is p_0, the exact teacher's distribution
+    "w2": "W2 to p_0 = the exact teacher's samples (data units)",
+    "mmd2": "MMD² to p_0 (multi-scale RBF kernel)",
+    "variance_ratio": "total variance ratio to p_0 (tr C_samples / tr C_p0; 1 = no shrinkage)",
     "grid_size": "N (grid intervals)",
 }
 
@@ -132,18 +136,27 @@ def save(fig, path: str | Path, dpi: int = 110, rect: tuple[float, float, float,
     return out
 
 
+FLOOR_TEXT = "finite-sample floor (10+ draws: mean, 95% range)"
+
+
 def floor_band(ax, floor: Mapping[str, Any] | None, orientation: str = "horizontal", color: str = "0.6",
-               text: str = "finite-sample floor (10+ draws: mean, 95% range)") -> None:
-    """The floor distribution ``{"mean", "values"}`` as a band (2.5-97.5% of the draws) with its mean."""
+               text: str = FLOOR_TEXT, span: tuple[float, float] | None = None) -> None:
+    """The floor distribution ``{"mean", "values"}`` as a band (2.5-97.5% of the draws) with its mean;
+    ``span``: only over this x range (a floor per column), else across the axes."""
     if not floor or floor.get("mean") is None:
         return
     vals = np.asarray([v for v in floor.get("values", []) if v is not None], dtype=float)
     lo, hi = (np.quantile(vals, 0.025), np.quantile(vals, 0.975)) if vals.size >= 2 else (floor["mean"],) * 2
-    if orientation == "horizontal":
-        ax.axhspan(lo, hi, color=color, alpha=0.3, lw=0, label=text)
+    labels = {lab for lab in ax.get_legend_handles_labels()[1]}
+    label = None if text in labels else text
+    if span is not None:
+        ax.fill_between(list(span), lo, hi, color=color, alpha=0.3, lw=0, label=label)
+        ax.plot(list(span), [floor["mean"]] * 2, color=color, lw=0.8, ls=":")
+    elif orientation == "horizontal":
+        ax.axhspan(lo, hi, color=color, alpha=0.3, lw=0, label=label)
         ax.axhline(floor["mean"], color=color, lw=0.8, ls=":")
     else:
-        ax.axvspan(lo, hi, color=color, alpha=0.3, lw=0, label=text)
+        ax.axvspan(lo, hi, color=color, alpha=0.3, lw=0, label=label)
         ax.axvline(floor["mean"], color=color, lw=0.8, ls=":")
 
 

@@ -55,7 +55,7 @@ from toys.networks import NetworkConfig
 from toys.scores import make_teacher, score_error
 
 from . import common, evidence
-from .cells import make_world_schedule
+from .cells import log, make_world_schedule
 from .curves import CurveConfig, CurveRecorder, check_curve_budget
 from .seeding import SeedConfig
 from .stats import error_decomposition
@@ -355,6 +355,7 @@ def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) 
                   for spec in tqdm(cfg.teachers, desc="teachers", disable=not progress, leave=False)
                   for seed in cfg.seeds}
     timings["teachers_and_pools"] = tm.seconds
+    log(STUDY, f"{len(worlds)} (teacher, seed) worlds with ODEs, chains and pools: {tm.seconds:.0f} s")
 
     runs: list[dict[str, Any]] = []
     per_sample: dict[tuple, dict[str, np.ndarray]] = {}
@@ -396,6 +397,7 @@ def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) 
                                   batch_seeds=batch_seeds, eval_steps=eval_steps,
                                   on_eval=recorder.callback(method, curve_eval(curve_keys, members, W, xs)))
             timings[f"train_{method}_{init}"] = hist.seconds
+            log(STUDY, f"trained {method} (init {init}, {len(members)} members): {hist.seconds:.0f} s")
             final_loss = hist.final_loss()
             with common.Timer() as tm:
                 out_x = student.one_step(xs, W.t_T).double()  # (E, M, d)
@@ -410,6 +412,7 @@ def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) 
                     if half is not None:
                         converged[key] = evidence.converged_flags([row["E_solver"]], [half["E_solver"][m]])[0]
             timings[f"eval_{method}_{init}"] = tm.seconds
+            log(STUDY, f"evaluated {method} (init {init}): {tm.seconds:.0f} s")
         if cfg.curves.enabled:
             curves += report.split_curves(recorder, members, cfg, converged)
 
@@ -418,6 +421,7 @@ def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) 
         references = report.reference_rows(cfg, worlds, W)
         floor, teacher_floors = report.floors(cfg, W, worlds)
     timings["references_and_floors"] = tm.seconds
+    log(STUDY, f"references and floors: {tm.seconds:.0f} s")
 
     # 5. regimes (teacher, solver, init) with statistics, merged rows, corrected verdicts
     regimes = report.build_regimes(cfg, runs, per_sample, converged)

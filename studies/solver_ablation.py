@@ -145,7 +145,7 @@ def plot(metrics: dict, path) -> list:
     regs = metrics["regimes"]
     solvers = list(dict.fromkeys(r["params"]["solver"] for r in regs))
     keys = ["E", "E_exact", "w2", "variance_ratio"]
-    fig, axes = plotting.new_figure(1, len(keys), size=(3.4, 3.0))
+    fig, axes = plotting.new_figure(1, len(keys), size=(3.4, 3.6))
     for j, key in enumerate(keys):
         ax = axes[0, j]
         for i, s in enumerate(solvers):
@@ -166,10 +166,10 @@ def plot(metrics: dict, path) -> list:
         Ns_all = sorted({r["params"]["N"] for r in regs})
         ax.set_xticks(Ns_all, [str(n) for n in Ns_all])
         ax.set_xlabel(plotting.label("grid_size"), fontsize=8)
-        ax.set_ylabel(plotting.label(key), fontsize=6)
-    plotting.legend_outside(fig, axes, ncol=3)
+        plotting.label_axes(ax, key)
+    plotting.legend_outside(fig, axes, ncol=4)
     fig.suptitle(plotting.title("Solver ablation (exact teacher): mean ± std over seeds", metrics["quick"]), fontsize=9)
-    return plotting.save(fig, path, rect=(0, 0.14, 1, 0.95))
+    return plotting.save(fig, path, rect=(0, 0.17, 1, 0.95))
 
 
 def table(metrics: dict) -> str:
