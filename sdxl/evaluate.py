@@ -35,7 +35,7 @@ from odecm.metrics import ode_error
 from .eval_config import EvaluateConfig, check_path, cli_config, input_error
 from .features import (FD_PROTOCOLS, ExtractorSpec, ImageSet, clip_score, extract_features, extract_text_features,
                        fd_sample_note, frechet_distance, load_extractors, load_images)
-from .reference import missing_indices, read_latents
+from .eval_shards import missing_indices, read_latents
 
 __all__ = ["pixel_ode_error", "image_metrics", "evaluate", "metrics_table", "check_evaluate_inputs", "COLUMNS"]
 

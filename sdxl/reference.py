@@ -40,15 +40,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .eval_config import (ReferenceConfig, check_model_source, check_path, cli_config, input_error, key_differences,
-                          resolve_model)
+from .eval_config import ReferenceConfig, check_model_source, check_path, cli_config, input_error, resolve_model
+from .eval_shards import (done_indices, folder_key_check, image_path, missing_indices, plan_shards,
+                          read_latents, shard_files, shard_path, write_latent_shard, write_manifest)
 
 Tensor = torch.Tensor
 
 __all__ = ["read_captions", "file_sha256", "shared_noise", "noise_path", "reference_key", "reference_folder",
            "write_latent_shard", "shard_path", "shard_files", "done_indices", "plan_shards", "read_latents",
            "missing_indices", "check_reference_inputs", "run_reference", "latent_geometry", "latents_to_images",
-           "SDXLBundle", "load_bundle", "folder_key_check"]
+           "SDXLBundle", "load_bundle", "folder_key_check", "image_path", "write_manifest"]
 
 CAPTION_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -113,106 +114,6 @@ def shared_noise(cache_dir: str | Path, seed: int, n: int, shape: Sequence[int])
         os.replace(tmp, path)
     state.wait_for_everyone()
     return load_file(str(path))["noise"], path
-
-
-# ------------------------------------------------------------------------------------------- shards
-def shard_path(folder: str | Path, indices: Sequence[int]) -> Path:
-    """``<folder>/shards/<first>-<last>.safetensors`` (unique: a new shard always starts at a caption not yet done)."""
-    return Path(folder) / "shards" / f"{min(indices):05d}-{max(indices):05d}.safetensors"
-
-
-def write_latent_shard(path: str | Path, latents: Tensor, indices: Sequence[int]) -> None:
-    """Atomically write ``{"latents", "indices"}`` (the shard's completion marker)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": latents.detach().float().cpu().contiguous(),
-               "indices": torch.as_tensor(list(indices), dtype=torch.int64)}, str(tmp))
-    os.replace(tmp, path)
-
-
-def shard_files(folder: str | Path) -> list[Path]:
-    return sorted((Path(folder) / "shards").glob("*.safetensors"))
-
-
-def _shard_indices(path: Path) -> list[int]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        return fh.get_tensor("indices").tolist()
-
-
-def image_path(folder: str | Path, i: int) -> Path:
-    return Path(folder) / "images" / f"{i:05d}.png"
-
-
-def done_indices(folder: str | Path, decode: bool = True, drop_incomplete: bool = False) -> set[int]:
-    """Caption indices with a finished latent (and, with ``decode``, its PNG) in ``folder/shards``.
-
-    A caption held by two shard files is an error (a corrupt cache). With ``drop_incomplete`` a shard
-    whose PNGs are not all present is deleted (its captions are then recomputed)."""
-    seen: dict[int, Path] = {}
-    for f in shard_files(folder):
-        idx = _shard_indices(f)
-        if decode and not all(image_path(folder, i).is_file() for i in idx):
-            if drop_incomplete:
-                f.unlink()
-            continue
-        for i in idx:
-            if i in seen:
-                raise ValueError(f"{folder}: caption {i} is in two shards ({seen[i].name}, {f.name}); the folder is "
-                                 f"corrupt: delete it and rerun")
-            seen[i] = f
-    return set(seen)
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    out, idx = [], sorted(indices)
-    start = prev = None
-    for i in idx + [None]:
-        if start is not None and (i is None or i != prev + 1):
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = None
-        if i is not None and start is None:
-            start = i
-        prev = i
-    return ", ".join(out)
-
-
-def missing_indices(folder: str | Path, n: int, decode: bool = True) -> list[int]:
-    return sorted(set(range(n)) - done_indices(folder, decode))
-
-
-def plan_shards(n: int, shard_size: int, done: set[int]) -> list[list[int]]:
-    """The captions not in ``done``, in cells ``[s, s + shard_size)`` of the shard grid (empty cells dropped)."""
-    cells = [[i for i in range(s, min(n, s + shard_size)) if i not in done] for s in range(0, n, shard_size)]
-    return [c for c in cells if c]
-
-
-def read_latents(folder: str | Path, n: int | None = None) -> tuple[Tensor, Tensor]:
-    """All shards of ``folder/shards`` -> ``(indices, latents)`` sorted by caption index. A caption present
-    twice is an error; with ``n``, so is any caption of ``0..n-1`` that is missing."""
-    from safetensors.torch import load_file
-
-    files = shard_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no latent shards in {Path(folder) / 'shards'}")
-    parts = [load_file(str(f)) for f in files]
-    idx = torch.cat([p["indices"] for p in parts])
-    lat = torch.cat([p["latents"] for p in parts])
-    order = torch.argsort(idx)
-    idx, lat = idx[order], lat[order]
-    if len(idx) > 1 and bool((idx[1:] == idx[:-1]).any()):
-        dup = sorted(set(idx[1:][idx[1:] == idx[:-1]].tolist()))
-        raise ValueError(f"{folder}: captions {_ranges(dup)} are in two shards; the folder is corrupt")
-    if n is not None and idx.tolist() != list(range(n)):
-        miss = sorted(set(range(n)) - set(idx.tolist()))
-        raise ValueError(f"{folder}: incomplete, captions {_ranges(miss)} of 0-{n - 1} are missing; rerun the command "
-                         f"that wrote it (it resumes)")
-    return idx, lat
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -284,22 +185,27 @@ def reference_folder(cfg: ReferenceConfig) -> tuple[Path, dict]:
     return Path(cfg.cache_dir) / "reference" / name, key
 
 
-def folder_key_check(key_name: str, folder: Path, kind: str, key: dict) -> None:
-    """Refuse ``folder`` when its ``manifest.json`` holds a ``kind`` written from other inputs (``key``)."""
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        if folder.is_dir() and any(folder.iterdir()):
-            raise input_error(f"{key_name}={folder}: exists and is not a {kind} folder (no manifest.json); "
-                              f"allowed: a new folder or one this command wrote")
-        return
-    man = json.loads(manifest.read_text())
-    if man.get("kind") != kind or "key" not in man:
-        raise input_error(f"{key_name}={folder}: holds a {man.get('kind', 'unknown')!r} folder without a {kind} key; "
-                          f"allowed: a new folder or one this command wrote")
-    diff = key_differences(man["key"], key)
-    if diff:
-        raise input_error(f"{key_name}={folder}: holds a {kind} of other inputs ({'; '.join(diff)}); "
-                          f"allowed: the same inputs, another {key_name}, or delete the folder")
+def _vae_config(model_cfg) -> dict | None:
+    """The VAE's ``config.json`` without loading it: a local folder's (or the tiny model's), or the local hub
+    cache's; None when it cannot be read."""
+    source, sub = (model_cfg.vae, "config.json") if model_cfg.vae else (model_cfg.pretrained, "vae/config.json")
+    if source == "tiny":
+        source = resolve_model(model_cfg)
+    path = Path(source) / sub
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, sub)
+        except Exception:  # not a repo id
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def check_reference_inputs(cfg: ReferenceConfig) -> None:
@@ -319,6 +225,12 @@ def check_reference_inputs(cfg: ReferenceConfig) -> None:
                           f"allowed: 1..{len(caps)} or null (all)")
     check_model_source("model.pretrained", cfg.model.pretrained)
     check_model_source("model.vae", cfg.model.vae)
+    vae = _vae_config(cfg.model)
+    if vae and isinstance(vae.get("block_out_channels"), list):
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        if cfg.resolution % factor:
+            raise input_error(f"resolution={cfg.resolution}: must be a multiple of the VAE's downsampling factor "
+                              f"{factor}; allowed e.g. {cfg.resolution - cfg.resolution % factor or factor}")
     if cfg.out_dir:
         folder, key = reference_folder(cfg)
         folder_key_check("out_dir", folder, "teacher_reference", key)
@@ -329,12 +241,6 @@ def _device(name: str | None):
     from .features_cache import _state
 
     return torch.device(name) if name else _state().device
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
 
 
 def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None = None) -> tuple[Path, dict]:
@@ -367,7 +273,7 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
         manifest = json.loads(manifest_path.read_text())
         if state.is_main_process and not manifest.get("complete"):
             manifest["complete"] = True
-            _write_manifest(manifest_path, manifest)
+            write_manifest(manifest_path, manifest)
         return folder, stats
 
     device = _device(cfg.device)
@@ -380,7 +286,7 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
         manifest = {"kind": "teacher_reference", "key": key, "captions_file": str(cfg.captions),
                     "noise_file": str(npath), "latent_shape": list(shape), "num_captions": n,
                     "config": cfg.model_dump(mode="json"), "complete": False}
-        _write_manifest(manifest_path, manifest)
+        write_manifest(manifest_path, manifest)
     state.wait_for_everyone()
 
     teacher = NFECounter(make_teacher(bundle.parts.unet, bundle.schedule, cfg.guidance_scale, cfg.cfg_convention,
@@ -410,7 +316,7 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
     if state.is_main_process:
         manifest = json.loads(manifest_path.read_text())
         manifest["complete"] = not missing_indices(folder, n, cfg.decode)
-        _write_manifest(manifest_path, manifest)
+        write_manifest(manifest_path, manifest)
     return folder, stats
 
 

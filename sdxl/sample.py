@@ -42,8 +42,9 @@ import torch
 
 from .eval_config import (EvalModelConfig, SampleConfig, check_model_source, check_path, cli_config, input_error,
                           resolve_model, student_timesteps)
-from .reference import (SDXLBundle, _caption_seed, _device, _write_manifest, done_indices, folder_key_check,
-                        image_path, latents_to_images, missing_indices, plan_shards, shard_path, write_latent_shard)
+from .eval_shards import (done_indices, folder_key_check, image_path, missing_indices, plan_shards, shard_path,
+                          write_latent_shard, write_manifest)
+from .reference import SDXLBundle, _caption_seed, _device, latents_to_images
 
 Tensor = torch.Tensor
 
@@ -298,7 +299,7 @@ def run_sample(cfg: SampleConfig, loader: Callable[[], tuple[SDXLBundle, Any]] |
     state.wait_for_everyone()  # every process planned from the same files
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _write_manifest(manifest_path, manifest)
+        write_manifest(manifest_path, manifest)
     if not any(todo.values()):
         return out, stats
 

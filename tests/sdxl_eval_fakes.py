@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from sdxl.features_cache import save_images
-from sdxl.reference import image_path, shard_path, write_latent_shard
+from sdxl.eval_shards import image_path, shard_path, write_latent_shard
 
 
 def fake_reference(folder: Path, n: int = 2, offset: int = 1, solver: str = "ddim", grid_size: int = 10,

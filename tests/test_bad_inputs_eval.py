@@ -25,8 +25,9 @@ def _captions(root, text="a red cat\na blue dog\n", name="caps.txt"):
 
 
 def _model_folder(root):
-    (root / "model").mkdir()
+    (root / "model" / "vae").mkdir(parents=True)
     (root / "model" / "model_index.json").write_text("{}")
+    (root / "model" / "vae" / "config.json").write_text('{"block_out_channels": [32, 64, 64, 64]}')  # factor 8
 
 
 def _ref(root, **kw):
@@ -77,6 +78,8 @@ CASES = [
      "model.pretrained={root}/nope: no such folder"),
     ("uncached-hub-model-offline", "reference", _captions, ["captions={root}/caps.txt", "model.pretrained=nobody/no-model"],
      "not in the local Hugging Face cache"),
+    ("resolution-not-multiple-of-vae-factor", "reference", lambda r: (_captions(r), _model_folder(r)),
+     REF + ["resolution=1020"], "resolution=1020: must be a multiple of the VAE's downsampling factor 8"),
     ("missing-vae", "reference", lambda r: (_captions(r), _model_folder(r)), REF + ["model.vae={root}/vae"], "model.vae={root}/vae: no such folder"),
     ("reference-out-dir-of-other-inputs", "reference", _other_reference_out_dir, REF + ["out_dir={root}/out"],
      "solver: 'heun_vp' (stored) vs 'ddim' (now)"),
