@@ -1,29 +1,35 @@
-"""Seconds per training iteration, images/s, peak GPU memory and MFU of SDXL CD / Direct CD.
+"""Seconds per SDXL CD / Direct CD training iteration, peak memory, MFU and HFU, honestly counted.
 
-    python -m benchmarks.sdxl_step                       # GPU: paper setup (batch 16, 1024 px, N=100, w=9)
-    python -m benchmarks.sdxl_step --model /weights/sdxl # real weights (speed and memory do not depend on them)
-    python -m benchmarks.sdxl_step --tiny                # CPU default: tiny random SDXL-architecture model
-    python -m benchmarks.sdxl_step --compile --no-grad-checkpointing --methods cd
+    python -m benchmarks.sdxl_step                         # GPU: CD + Direct CD at the paper setup
+    python -m benchmarks.sdxl_step --methods cd --compile  # torch.compile the UNet
+    python -m benchmarks.sdxl_step --direct-cd-estimate    # Direct CD from the measured teacher step
+    python -m benchmarks.sdxl_step --flops-only            # the FLOP accounting alone (meta device, any CPU)
+    python -m benchmarks.sdxl_step --switch-cost           # adapter off/on cost: SDXL architecture + tiny
+    python -m benchmarks.sdxl_step --tiny                  # CPU default: tiny random SDXL-architecture model
 
-What is timed: one full optimiser step of ``odecm.objectives.consistency_loss`` exactly as
-``sdxl.train`` runs it (LoRA student on the teacher's UNet with adapters toggled for the teacher,
-CFG cond+uncond in one batched no-grad UNet call, stop-gradient target, AdamW), on synthetic
-latents and embeddings of the right shapes, so data loading, VAE and text encoders are excluded.
-Without ``--model`` on a GPU the UNet is SDXL base's architecture with random weights: same FLOPs
-and memory as the real model, no download.
+Paper setup: batch 16, 1024 px (128 x 128 latents), LoRA r = 64 on the paper's modules, N = 100 skip
+grid, w = 9 (CFG: the teacher runs at batch 32), stop-gradient target, gradient checkpointing, bf16.
+Without ``--model`` the UNet is SDXL base's architecture with random weights: the same FLOPs and
+memory, no download.
 
-MFU = model FLOPs / (seconds x peak bf16 FLOP/s). Model FLOPs per iteration =
-F x (2 x teacher sample-evaluations (CFG doubles each) + B (CD target network) + 3 B (student
-forward + backward)), with F the UNet forward FLOPs per image, measured here with
-``torch.utils.flop_counter`` (SDXL at 1024 px: 6.76 TFLOP). Gradient-checkpoint recomputation is
-not counted (it is overhead, not model FLOPs). Peak: H100/H200 SXM 989 TFLOP/s dense bf16, A100
-312; pass ``--peak-tflops`` for other cards.
+What is timed: one optimiser step of ``odecm.objectives.consistency_loss`` as ``sdxl.train`` runs it
+(one UNet shared by teacher and LoRA student through ``sdxl.teacher.AdapterSwitch``, CFG cond + uncond
+in one no-grad call, stop-gradient target, AdamW, clipping) on synthetic latents and embeddings, so
+data loading, VAE and text encoders are excluded. The median of ``--iters`` timed iterations after
+``--warmup`` ones.
 
-Speed options (all in ``sdxl.train_config.SpeedConfig``): bf16 frozen weights + bf16 autocast,
-fp32 LoRA weights; gradient checkpointing (saves activation memory, costs ~1 extra student
-forward); channels_last; SDPA attention (diffusers' AttnProcessor2_0); ``torch.compile`` of the
-UNet (fixed shapes: Direct CD ``mask_mode=full`` keeps the batch shape constant; the adapter toggle
-costs one recompile); TF32 matmuls for the remaining fp32 work.
+FLOPs (``benchmarks.sdxl_flops``): one extra iteration on the same modules under
+``torch.utils.flop_counter.FlopCounterMode``, phase by phase (teacher, target, student forward,
+student backward). *Hardware* FLOPs include the forward that gradient checkpointing recomputes;
+*model* FLOPs do not. MFU = model FLOPs / (s x peak), HFU = hardware FLOPs / (s x peak), peak = dense
+bf16 (H100 / H200 SXM 989 TFLOP/s; ``--peak-tflops`` for others). On SDXL at 1024 px the LoRA student's
+forward + backward is 2.17 LoRA forwards (15.9 / 7.32 TFLOP), not 3.
+
+Direct CD (``--direct-cd-estimate``): the expected number of teacher solver steps per iteration with
+per-sample n and full-batch masking is ``E[max n] = sum_{k=1..N} (1 - ((k-1)/N)^B)`` (94.6 at N = 100,
+B = 16); the estimate is that times the measured teacher step, plus the student's forward + backward;
+``--direct-cd-iterations 1`` also times full iterations. The same teacher step gives the reference
+generation throughput of the UNet (B images per N CFG teacher steps; the VAE decode not included).
 """
 from __future__ import annotations
 
@@ -40,9 +46,10 @@ from odecm.objectives import CDTarget, DirectCDTarget, consistency_loss, draw_in
 from odecm.solvers import get_solver
 from odecm.training import EMATarget, make_optimizer
 
+from .sdxl_flops import counted_iteration, meta_twin, pass_flops, recompute_per_image, switch_cost
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
                     "4090": 165.0}
-SDXL_UNET_TFLOP_1024 = 6.76
 
 SDXL_BASE_UNET_CONFIG = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -57,10 +64,12 @@ SDXL_BASE_UNET_CONFIG = dict(
 def peak_tflops(device_name: str, override: float | None) -> float | None:
     if override:
         return override
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
+def expected_max_index(N: int, B: int) -> float:
+    """``E[max of B iid uniform draws on 1..N]`` = the mean Direct CD depth with full-batch masking."""
+    return sum(1.0 - ((k - 1) / N) ** B for k in range(1, N + 1))
 
 
 def build_unet(args, device, dtype):
@@ -77,155 +86,281 @@ def build_unet(args, device, dtype):
     return unet.to(dtype)
 
 
-def unet_forward_flops(unet, latent: int, cross_dim: int, pooled_dim: int, device, dtype) -> float:
-    """FLOPs of one UNet forward for one image (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
+class Bench:
+    """The modules of one benchmark: a LoRA UNet (student) whose base is the CFG teacher."""
 
-    x = torch.randn(1, 4, latent, latent, device=device, dtype=dtype)
-    kw = dict(encoder_hidden_states=torch.randn(1, 77, cross_dim, device=device, dtype=dtype),
-              added_cond_kwargs={"text_embeds": torch.randn(1, pooled_dim, device=device, dtype=dtype),
-                                 "time_ids": torch.zeros(1, 6, device=device, dtype=dtype)})
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor([500.0], device=device), **kw)
-    return float(counter.get_total_flops())
+    def __init__(self, args, device):
+        from diffusers.models.attention_processor import AttnProcessor2_0
 
+        from odecm.schedules import sdxl_schedule
+        from sdxl.student import SDXLStudent, add_lora
+        from sdxl.teacher import make_teacher
 
-def bench_method(args, method: str, device) -> dict:
-    from sdxl.student import SDXLStudent, add_lora
-    from sdxl.teacher import make_teacher
-    from odecm.schedules import sdxl_schedule
+        self.args, self.device = args, device
+        self.gpu = device.type == "cuda"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32) if self.gpu \
+            else torch.float32
+        torch.manual_seed(0)
+        self.unet = build_unet(args, device, self.dtype)
+        self.latent = args.resolution // (8 if not args.tiny else 2)
+        add_lora(self.unet, args.lora_rank, args.lora_rank)
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        if args.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if args.grad_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.schedule = sdxl_schedule()
+        self.student = SDXLStudent(self.unet, self.schedule, "lora", compute_dtype=self.dtype)
+        self.teacher = make_teacher(self.unet, self.schedule, args.guidance_scale, "imagen", "zeros", base_model=True)
+        self.grid = make_grid("skip", self.schedule, args.num_steps)
+        self.solver = get_solver(args.solver)
+        self.target = EMATarget(self.student, 0.0)
+        self.optimizer = make_optimizer(self.student.parameters(), "adamw8bit" if args.adamw8bit else "adamw", lr=1e-4)
+        self.autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.gpu and self.dtype != torch.float32)
+        self.gen = torch.Generator().manual_seed(0)
+        self._recompute: int | None = None
+        B = args.batch_size
+        _, kw = _inputs(self.unet, B, self.latent, device)
+        self.cond = {"prompt_embeds": kw["encoder_hidden_states"], "text_embeds": kw["added_cond_kwargs"]["text_embeds"],
+                     "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2] * B,
+                                              dtype=torch.float32, device=device)}
 
-    gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu and args.dtype == "bf16" else (torch.float16 if gpu and args.dtype == "fp16" else torch.float32)
-    torch.manual_seed(0)
-    unet = build_unet(args, device, dtype)
-    cross_dim = unet.config.cross_attention_dim
-    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    latent = args.resolution // (8 if not args.tiny else 2)
-    flops_per_image = unet_forward_flops(unet, latent, cross_dim, pooled_dim, device, dtype)
-    add_lora(unet, args.lora_rank, args.lora_rank)
-    if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if args.grad_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.compile:
-        unet.compile()
-    schedule = sdxl_schedule()
-    student = SDXLStudent(unet, schedule, "lora", compute_dtype=dtype)
-    teacher = make_teacher(unet, schedule, args.guidance_scale, "imagen", "zeros", base_model=True)
-    grid = make_grid("skip", schedule, args.num_steps)
-    solver = get_solver(args.solver)
-    target = EMATarget(student, 0.0)
-    provider = (CDTarget(teacher, solver, grid, target) if method == "cd"
-                else DirectCDTarget(teacher, solver, grid, mask_mode=args.mask_mode))
-    opt_name = "adamw8bit" if args.adamw8bit else "adamw"
-    optimizer = make_optimizer(student.parameters(), opt_name, lr=1e-4)
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    B = args.batch_size
-    gen = torch.Generator().manual_seed(0)
-    cond = {"prompt_embeds": torch.randn(B, 77, cross_dim, generator=gen).to(device),
-            "text_embeds": torch.randn(B, pooled_dim, generator=gen).to(device),
-            "time_ids": torch.tensor([[args.resolution, args.resolution, 0, 0, args.resolution, args.resolution]] * B,
-                                     dtype=torch.float32, device=device)}
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=gpu and dtype != torch.float32)
-    times, evals, depth = [], [], []
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for it in range(args.warmup + args.iters):
-        x0 = torch.randn(B, 4, latent, latent, generator=gen).to(device)
-        n = draw_indices(B, args.num_steps, args.index_scheme, gen).to(device)
-        if gpu:
+    def sync(self) -> None:
+        if self.gpu:
             torch.cuda.synchronize()
+
+    def provider(self, method: str):
+        if method == "cd":
+            return CDTarget(self.teacher, self.solver, self.grid, self.target)
+        return DirectCDTarget(self.teacher, self.solver, self.grid, mask_mode=self.args.mask_mode)
+
+    def draw(self):
+        B = self.args.batch_size
+        x0 = torch.randn(B, 4, self.latent, self.latent, generator=self.gen).to(self.device)
+        return x0, draw_indices(B, self.args.num_steps, self.args.index_scheme, self.gen).to(self.device)
+
+    def step(self, provider, draw=None) -> tuple[float, dict]:
+        x0, n = draw if draw is not None else self.draw()
+        self.sync()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            terms = consistency_loss(student, provider, x0, n, grid, schedule, cond=cond, generator=gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            terms = consistency_loss(self.student, provider, x0, n, self.grid, self.schedule, cond=self.cond,
+                                     generator=self.gen)
         terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        if gpu:
-            torch.cuda.synchronize()
-        if it >= args.warmup:
+        torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], 1.0)
+        self.optimizer.step()
+        self.sync()
+        return time.perf_counter() - t0, terms
+
+    def flops(self, method: str, draw) -> dict:
+        x0, n = draw
+        with self.autocast:
+            phases = counted_iteration(self.student, self.teacher, self.solver, self.grid, self.schedule, self.target,
+                                       method, x0, n, self.cond, self.args.mask_mode)
+        hardware = sum(phases.values())
+        if self._recompute is None:
+            self._recompute = recompute_per_image(self.unet, self.latent, self.device, self.dtype)
+        recompute = self.args.batch_size * self._recompute
+        return {**{f"{k}_tflop": v / 1e12 for k, v in phases.items()}, "recompute_tflop": recompute / 1e12,
+                "hardware_tflop": hardware / 1e12, "model_tflop": (hardware - recompute) / 1e12}
+
+    @torch.no_grad()
+    def teacher_step_seconds(self, repeats: int) -> float:
+        """One CFG teacher solver step on the whole batch (what a Direct CD / reference step costs)."""
+        x, _ = self.draw()
+        t_from = torch.full((x.shape[0],), float(self.grid[-1]), device=self.device)
+        t_to = torch.full((x.shape[0],), float(self.grid[-2]), device=self.device)
+        times = []
+        for _ in range(repeats + 1):
+            self.sync()
+            t0 = time.perf_counter()
+            with self.autocast:
+                self.solver.step(self.teacher, x, t_from, t_to, self.cond)
+            self.sync()
             times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+
+def _inputs(unet, batch, latent, device):
+    from .sdxl_flops import unet_inputs
+
+    return unet_inputs(unet, batch, latent, device, torch.float32)
+
+
+def bench_method(bench: Bench, method: str) -> dict:
+    args = bench.args
+    # Direct CD's cost depends on n: its timed iterations reuse the counted iteration's draw
+    counted = bench.draw()
+    flops = bench.flops(method, counted)  # eager, before any compile (the counter does not see compiled kernels)
+    if args.compile:
+        bench.unet.compile(backend=args.compile_backend)
+    provider = bench.provider(method)
+    if bench.gpu:
+        torch.cuda.reset_peak_memory_stats()
+    iters = args.iters if method == "cd" else args.direct_cd_iterations
+    warmup = args.warmup if method == "cd" else args.direct_cd_warmup
+    times, evals, toggles = [], [], []
+    for it in range(warmup + iters):
+        before = bench.student.unet.__dict__.get("_odecm_adapter_switch")
+        count0 = before.toggles if before is not None else 0
+        dt, terms = bench.step(provider, counted if method == "direct_cd" else None)
+        switch = bench.student.unet.__dict__.get("_odecm_adapter_switch")
+        if it >= warmup:
+            times.append(dt)
             evals.append(terms["target_evals"])
-            depth.append(terms["target_steps"])
-    s_it = statistics.median(times)
-    cfg_factor = 2 if args.guidance_scale != 1 else 1
-    unet_images = cfg_factor * statistics.mean(evals) + (B if method == "cd" else 0) + 3 * B
-    model_flops = flops_per_image * unet_images
-    name = torch.cuda.get_device_name(device) if gpu else "cpu"
-    peak = peak_tflops(name, args.peak_tflops) if gpu else args.peak_tflops
-    out = {
-        "method": method, "solver": args.solver, "device": name, "batch_size": B, "resolution": args.resolution,
-        "latent": latent, "num_steps": args.num_steps, "mask_mode": args.mask_mode if method == "direct_cd" else None,
-        "index_scheme": args.index_scheme, "dtype": str(dtype).replace("torch.", ""), "compile": args.compile,
-        "grad_checkpointing": args.grad_checkpointing, "channels_last": args.channels_last, "optimizer": opt_name,
-        "trainable_params": trainable, "model": args.model or ("tiny" if args.tiny else "sdxl-architecture (random)"),
-        "seconds_per_iteration": s_it, "seconds_all": times, "images_per_second": B / s_it,
-        "teacher_sample_evals_per_iteration": statistics.mean(evals), "teacher_depth": statistics.mean(depth),
-        "unet_forward_tflop_per_image": flops_per_image / 1e12,
-        "model_tflop_per_iteration": model_flops / 1e12,
-        "achieved_tflops": model_flops / s_it / 1e12,
-        "mfu": (model_flops / s_it / 1e12) / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None,
-    }
-    del unet, student, teacher, optimizer
-    if gpu:
-        torch.cuda.empty_cache()
-    return out
+            toggles.append(switch.toggles - count0 if switch is not None else 0)
+    s_it = statistics.median(times) if times else None
+    name = torch.cuda.get_device_name(bench.device) if bench.gpu else "cpu"
+    peak = peak_tflops(name, args.peak_tflops) if bench.gpu else args.peak_tflops
+    row = {"method": method, "solver": args.solver, "device": name, "batch_size": args.batch_size,
+           "resolution": args.resolution, "num_steps": args.num_steps, "lora_rank": args.lora_rank,
+           "mask_mode": args.mask_mode if method == "direct_cd" else None, "dtype": str(bench.dtype).split(".")[-1],
+           "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+           "seconds_per_iteration": s_it, "seconds_all": times, "images_per_second": args.batch_size / s_it if s_it else None,
+           "teacher_sample_evals_per_iteration": statistics.mean(evals) if evals else None,
+           "adapter_toggles_per_iteration": statistics.mean(toggles) if toggles else None, **flops,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.gpu else None}
+    if s_it:
+        row["mfu"] = flops["model_tflop"] / s_it / peak if peak else None
+        row["hfu"] = flops["hardware_tflop"] / s_it / peak if peak else None
+    return row
+
+
+def direct_cd_estimate(bench: Bench, cd_row: dict | None) -> dict:
+    """Direct CD s/it from the measured teacher step x E[depth] (+ the CD row's student share)."""
+    args = bench.args
+    step_s = bench.teacher_step_seconds(args.repeats)
+    depth = expected_max_index(args.num_steps, args.batch_size) if args.index_scheme == "per_sample" else \
+        (args.num_steps + 1) / 2
+    student_s = 0.0
+    if cd_row and cd_row.get("seconds_per_iteration"):  # CD = 1 teacher step + target + student
+        teacher_share = step_s * (1 + cd_row["target_tflop"] / max(cd_row["teacher_tflop"], 1e-30))
+        student_s = max(cd_row["seconds_per_iteration"] - teacher_share, 0.0)
+    return {"teacher_step_seconds": step_s, "expected_depth": depth,
+            "direct_cd_seconds_per_iteration_estimate": depth * step_s + student_s,
+            "reference_images_per_second_unet_only": args.batch_size / (args.num_steps * step_s)}
 
 
 def parse_args(argv=None):
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks.sdxl_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="SDXL hub id / folder (default: random SDXL-architecture UNet)")
-    p.add_argument("--tiny", action="store_true", default=not gpu, help="tiny random model (default on CPU)")
-    p.add_argument("--methods", nargs="+", default=["cd", "direct_cd"], choices=["cd", "direct_cd"])
-    p.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun"])
-    p.add_argument("--batch-size", type=int, default=16 if gpu else 4)
-    p.add_argument("--resolution", type=int, default=1024 if gpu else 32)
-    p.add_argument("--num-steps", type=int, default=100)
+    p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
+                   help="tiny random model (default on CPU for timing; --no-tiny = SDXL's architecture)")
+    p.add_argument("--methods", nargs="*", default=["cd", "direct_cd"], choices=["cd", "direct_cd"])
+    p.add_argument("--solver", default="ddim", choices=["ddim", "euler", "heun", "euler_vp", "heun_vp"])
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 (SDXL), 4 (tiny)")
+    p.add_argument("--resolution", type=int, default=None, help="default 1024 (SDXL), 32 (tiny)")
+    p.add_argument("--num-steps", type=int, default=None, help="N; default 100 (SDXL), 10 (tiny)")
     p.add_argument("--guidance-scale", type=float, default=9.0)
     p.add_argument("--mask-mode", default="full", choices=["full", "subset"])
     p.add_argument("--index-scheme", default="per_sample", choices=["per_sample", "shared"])
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--iters", type=int, default=5 if gpu else 2)
-    p.add_argument("--warmup", type=int, default=2 if gpu else 1)
+    p.add_argument("--iters", type=int, default=None, help="timed CD iterations; default 10 (SDXL), 2 (tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first iterations; default 3 (SDXL), 1 (tiny)")
+    p.add_argument("--direct-cd-iterations", type=int, default=1, help="timed full Direct CD iterations")
+    p.add_argument("--direct-cd-warmup", type=int, default=0,
+                   help="untimed Direct CD iterations (default 0: CD's warm-up already ran the same kernels)")
+    p.add_argument("--direct-cd-estimate", action="store_true", help="estimate Direct CD from the teacher step")
+    p.add_argument("--repeats", type=int, default=5, help="timed teacher steps for the estimate")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor; 'eager' traces without generating kernels: CPU flow checks)")
     p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--adamw8bit", action="store_true", help="bitsandbytes AdamW8bit (must be installed)")
+    p.add_argument("--adamw8bit", action="store_true", help="bitsandbytes AdamW8bit")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--flops-only", action="store_true", help="per-pass and per-iteration FLOPs on the meta device")
+    p.add_argument("--switch-cost", action="store_true", help="adapter off/on cost (SDXL architecture on meta + tiny)")
     p.add_argument("--out", default="results/bench_sdxl_step")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tiny is None:
+        args.tiny = not gpu and not (args.flops_only or args.model)
+    paper = not args.tiny
+    for name, sdxl_value, tiny_value in (("batch_size", 16, 4), ("resolution", 1024, 32), ("num_steps", 100, 10),
+                                         ("iters", 10, 2), ("warmup", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, sdxl_value if paper else tiny_value)
+    return args
 
 
-def main(argv=None) -> list[dict]:
+def flops_only(args) -> dict:
+    """The FLOP accounting of the paper setup without running it: per-pass counts on a meta twin of
+    SDXL's UNet (or the tiny one), combined as a CD iteration runs them (DDIM / Euler: one CFG teacher
+    call at batch 2B; Heun: two)."""
+    if args.tiny:
+        from sdxl.tiny import tiny_sdxl_pipeline
+
+        config = dict(tiny_sdxl_pipeline(0).unet.config)
+    else:
+        config = dict(SDXL_BASE_UNET_CONFIG)
+    twin = meta_twin(config, args.lora_rank)
+    per = pass_flops(twin, args.resolution // (2 if args.tiny else 8))
+    B, evals = args.batch_size, 2 if args.solver in ("heun", "heun_vp") else 1
+    teacher = 2 * B * evals * per["base_forward"]
+    cd_model = teacher + B * (per["lora_forward"] + per["lora_forward"] + per["lora_backward"])
+    return {"per_image_tflop": {k: v / 1e12 for k, v in per.items()},
+            "student_fwd_bwd_over_lora_fwd": (per["lora_forward"] + per["lora_backward"]) / per["lora_forward"],
+            "cd_model_tflop": cd_model / 1e12, "cd_hardware_tflop": (cd_model + B * per["recompute"]) / 1e12,
+            "old_accounting_tflop": per["base_forward"] * (2 * B * evals + B + 3 * B) / 1e12,
+            "direct_cd_teacher_tflop_per_step": teacher / 1e12,
+            "expected_direct_cd_depth": expected_max_index(args.num_steps, B)}
+
+
+def main(argv=None) -> dict:
     args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"args": vars(args)}
+    if args.switch_cost or args.flops_only:
+        if args.switch_cost:
+            result["switch_cost"] = _switch_cost_rows(args)
+        if args.flops_only:
+            result["flops"] = flops_only(args)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k != "args"}, indent=2))
+        return result
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.tiny and args.num_steps == 100 and device.type == "cpu":
-        args.num_steps = 10  # keep CPU Direct CD short
-    rows = [bench_method(args, m, device) for m in args.methods]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
-    lines = ["| method | device | B | px | s/it | img/s | teacher evals/it | peak GiB | UNet TFLOP/img | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['method']} ({r['solver']}) | {r['device']} | {r['batch_size']} | {r['resolution']} | "
-                     f"{r['seconds_per_iteration']:.3f} | {r['images_per_second']:.2f} | "
-                     f"{r['teacher_sample_evals_per_iteration']:.0f} | {mem} | {r['unet_forward_tflop_per_image']:.4g} | {mfu} |")
-    table = "\n".join(lines)
+    bench = Bench(args, device)
+    rows = [bench_method(bench, m) for m in args.methods]
+    result["results"] = rows
+    if args.direct_cd_estimate:
+        result["direct_cd_estimate"] = direct_cd_estimate(bench, next((r for r in rows if r["method"] == "cd"), None))
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    table = format_table(rows)
     (out / "table.md").write_text(table + "\n")
     print(table)
-    return rows
+    if "direct_cd_estimate" in result:
+        print(json.dumps(result["direct_cd_estimate"], indent=2))
+    return result
+
+
+def _switch_cost_rows(args) -> dict:
+    from sdxl.student import add_lora
+    from sdxl.tiny import tiny_sdxl_pipeline
+
+    full = meta_twin(SDXL_BASE_UNET_CONFIG, 64)
+    tiny = add_lora(tiny_sdxl_pipeline(0).unet, 4, 4)
+    return {"sdxl_architecture_r64": switch_cost(full), "tiny_r4": switch_cost(tiny),
+            "torch_threads": torch.get_num_threads()}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| method | device | B | px | compile | s/it | img/s | teacher evals/it | model TFLOP/it | hardware TFLOP/it "
+             "| peak GiB | MFU | HFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = (lambda v, f: f.format(v) if v is not None else "-")
+        lines.append(f"| {r['method']} ({r['solver']}) | {r['device']} | {r['batch_size']} | {r['resolution']} | "
+                     f"{r['compile']} | {fmt(r['seconds_per_iteration'], '{:.3f}')} | {fmt(r['images_per_second'], '{:.2f}')} | "
+                     f"{fmt(r['teacher_sample_evals_per_iteration'], '{:.0f}')} | {r['model_tflop']:.4g} | "
+                     f"{r['hardware_tflop']:.4g} | {fmt(r['peak_memory_gib'], '{:.1f}')} | "
+                     f"{fmt(r.get('mfu') and 100 * r['mfu'], '{:.1f}%')} | {fmt(r.get('hfu') and 100 * r['hfu'], '{:.1f}%')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

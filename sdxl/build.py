@@ -31,16 +31,14 @@ __all__ = ["make_accelerator", "resolve_log_with", "resolve_pretrained", "apply_
 
 
 def resolve_log_with(cfg: SDXLTrainConfig) -> str | None:
-    """The accelerate tracker of ``cfg.log_with`` (``auto``: tensorboard when installed), or None."""
-    if cfg.log_with == "none":
+    """The accelerate tracker of ``cfg.log_with`` (``auto``: tensorboard when installed), or None (also
+    for a named tracker that is not installed: ``sdxl.checks`` reports that one)."""
+    import importlib.util
+
+    name = "tensorboard" if cfg.log_with == "auto" else cfg.log_with
+    if name == "none" or importlib.util.find_spec(name) is None:
         return None
-    if cfg.log_with == "auto":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return None
-        return "tensorboard"
-    return cfg.log_with
+    return name
 
 
 def make_accelerator(cfg: SDXLTrainConfig, trackers: bool = False):

@@ -16,6 +16,9 @@ Adapter switching: the teacher phase (all teacher calls) runs with the LoRA off,
 student with it on, so the shared UNet switches once each way per iteration (``adapter_toggles`` = 2
 in the log; ``adapter_toggles_per_call`` = 2 x teacher calls is what switching around every teacher
 call would cost). The adapters are on when the loss returns, as the backward pass needs.
+
+Unreadable samples met by the step (all processes) are logged as ``data_skipped_<reason>`` (only
+nonzero reasons); ``metrics.json`` holds the whole run's counts.
 """
 from __future__ import annotations
 
@@ -64,7 +67,9 @@ def make_loss_fn(run) -> Callable[[int, torch.Generator], dict]:
         weighted = (terms["per_sample"] * terms["weights"]).detach()
         all_weighted = acc.gather(weighted) if world > 1 else weighted
         all_n = acc.gather(n) if world > 1 else n
+        skips = run.source.last_skips if run.source.stats is not None else {}
         return {
+            **{f"data_skipped_{reason}": count for reason, count in skips.items()},  # summed over processes
             "loss": terms["loss"],
             "loss_global": float(all_weighted.mean()),
             "distance": terms["distance"],
