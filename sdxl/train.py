@@ -32,7 +32,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +41,7 @@ from odecm.checkpoint import latest_checkpoint, read_meta
 from odecm.cli import add_config_args, overrides_from, provenance, run_main
 from odecm.config import config_to_dict, save_config
 from odecm.runs import check_resume_config, prepare_run_dir, resolve_resume
-from odecm.training import TRAINER_RESUME_POLICY, NonFiniteLossError, Trainer, TrainerConfig
+from odecm.training import NonFiniteLossError, Trainer, TrainerConfig
 
 from .build import Run, build_run, make_accelerator, resolve_log_with
 from .checks import check_config
@@ -60,6 +59,27 @@ class SDXLTrainer(Trainer):
     def __init__(self, *args, run: Run, validator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_ref, self.validator = run, validator
+
+    def load_checkpoint(self, path) -> None:
+        """Load, then apply this config's optimizer hyperparameters: the checkpoint's optimizer and lr
+        scheduler states carry the old ones, and an allowed change (``--allow-change distill.optim.lr``)
+        must take effect, not only be written into config.json."""
+        super().load_checkpoint(path)
+        o = self.run_ref.cfg.distill.optim
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
+            if "betas" in group:
+                group["betas"] = tuple(o.betas)
+        sched = self.lr_scheduler
+        if sched is not None and hasattr(sched, "lr_lambdas"):
+            sched.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+            lrs = [o.lr * fn(sched.last_epoch) for fn in sched.lr_lambdas]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = o.lr
 
     def train_step(self) -> dict[str, Any]:
         record = super().train_step()
@@ -89,8 +109,7 @@ def resume_point(cfg: SDXLTrainConfig, resume: str | None, allow_change: Sequenc
     if resume in (None, ""):
         return None
     meta = read_meta(resolve_resume(cfg.out_dir, resume))
-    check_resume_config(meta.get("trainer") or {}, asdict(trainer_config(cfg)), TRAINER_RESUME_POLICY, allow_change,
-                        what="loop settings")
+    # the run config holds every loop setting (the Trainer checks those again when it loads)
     meta["resume_notes"] = check_resume_config(meta.get("config") or {}, config_to_dict(cfg), RESUME_POLICY,
                                                allow_change)
     return meta
@@ -112,6 +131,8 @@ def run_metrics(cfg: SDXLTrainConfig, trainer: Trainer, run: Run, segment: dict)
     mean = (lambda key: sum(r.get(key, 0) for r in log) / len(log) if log else None)
     totals = trainer.totals
     stats = run.source.stats
+    # the counts as of the last training step (the Trainer's final check of the weights reads one more batch)
+    _restore_skip_stats(stats, trainer.run_info.get("data_skips"))
     return {
         "steps": totals["steps"], "train_steps": cfg.distill.train_steps, "optimizer_steps": totals["optimizer_steps"],
         "skipped_nonfinite": totals["skipped_nonfinite"], "overflow_skips": totals["overflow_skips"],
