@@ -76,3 +76,32 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, tiny_sd
     assert diff / size < 5e-3, diff / size  # measured ~7e-4; per-tensor median ~2e-5
     moved = [k for k in sa if "lora_B" in k and float(sa[k].abs().max()) > 0]
     assert moved  # training changed the LoRA (B starts at zero)
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_without_deadlock(tmp_path, tiny_sdxl_dir):
+    """A corrupt sample read by rank 1 only (step 3): the loss guard is all-reduced, so both ranks skip
+    the step, both stop (max_nonfinite=0) with an error instead of waiting on each other, and the
+    last published checkpoint is intact. Rank 0's own loss at step 3 is finite: the NaN was rank 1's."""
+    from sdxl_train_fakes import sample_at, write_fake_targets
+
+    from odecm.checkpoint import latest_checkpoint
+
+    bad = sample_at(16, seed=0, position=9)  # global step 3, slot 1 -> rank 1 of 2
+    targets = write_fake_targets(tmp_path / "targets", tiny_sdxl_dir, poison=[bad])
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "sdxl.train", "--config", "tiny_cpu", "--set", f"out_dir={out}", f"model.pretrained={tiny_sdxl_dir}",
+         "distill.method=direct_cd", "data.source=targets", f"data.path={targets}", "log_with=none",
+         "distill.train_steps=5", "distill.batch_size=4", "distill.checkpoint_every=1", "distill.max_nonfinite=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert output.count("error: ") >= 2 and "non-finite" in output, output[-3000:]  # both ranks stopped themselves
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and log[2].get("skipped_nonfinite")
+    assert log[2]["loss"] == log[2]["loss"] and log[2]["loss_global"] != log[2]["loss_global"]  # rank 0 finite, global NaN
+    assert latest_checkpoint(out).name == "step_0000001"
