@@ -1,22 +1,25 @@
 """FLOP accounting and adapter-switch cost for the SDXL step benchmark (``benchmarks.sdxl_step``).
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add; matmul,
-convolution and attention), never assumed:
+convolution and attention), never assumed. Two numbers per iteration:
 
-* ``counted_iteration``: one training iteration on the exact modules the benchmark times (the CFG
-  teacher at batch 2B, the target, the LoRA student with its gradient checkpointing), in the order of
-  ``odecm.objectives.consistency_loss``, each phase under its own counter: ``teacher``, ``target``,
-  ``student_forward``, ``student_backward``. With gradient checkpointing the backward includes the
-  recomputed forward: that sum is the *hardware* FLOPs.
-  Direct CD with full-batch masking evaluates the whole batch at every step, so its teacher phase is
-  counted as one step times the depth (max n), which equals counting the whole solve.
-* ``recompute_per_image``: the recomputation alone, counted on the same UNet at batch 1 as
-  backward(checkpointing) - backward(plain). *Model* FLOPs = hardware FLOPs - B x that (what the step
-  needs without recomputation). MFU uses model FLOPs; HFU hardware FLOPs.
-* ``pass_flops``: per-image FLOPs of each kind of pass (base forward, LoRA forward, LoRA backward with
-  and without checkpointing), on the real UNet or on a meta-device twin (``meta_twin``: same config
-  and LoRA, no memory, no compute): the SDXL-at-1024-px figures in the docs come from the twin,
-  measurable on any CPU.
+* *hardware* FLOPs (``counted_iteration``): one training iteration on the exact modules the benchmark
+  times (the CFG teacher at batch 2B, the target, the LoRA student with its gradient checkpointing and
+  attention kernels), in the order of ``odecm.objectives.consistency_loss``, each phase under its own
+  counter: ``teacher``, ``target``, ``student_forward``, ``student_backward``. They include what the
+  implementation recomputes: the forward re-run by gradient checkpointing, and the Q K^T product that
+  flash / memory-efficient attention recompute in their backward (torch's formulas for those kernels
+  count 5 matmuls per attention backward, the math 4). Direct CD with full-batch masking evaluates the
+  whole batch at every step, so its teacher phase is one counted step times the depth (max n), which
+  equals counting the whole solve.
+* *model* FLOPs (``model_flops``): the math of the passes the algorithm needs, no recomputation:
+  per-image FLOPs of each kind of pass (``pass_flops``: base forward for the teacher, LoRA forward,
+  LoRA backward; counted at batch 1 with the math attention processor) times the number of images
+  each pass sees in the iteration. MFU uses model FLOPs, HFU hardware FLOPs.
+
+``pass_flops`` also runs on a meta-device twin (``meta_twin``: same config and LoRA, no memory, no
+compute), so the SDXL-at-1024-px figures in the docs are measurable on any CPU. On CPU torch has no
+formula for its own flash-attention kernel (it counts 0); ``count`` adds torch's SDPA formulas for it.
 
 ``switch_cost`` times an off/on adapter pair: diffusers' ``disable_adapters`` / ``enable_adapters``
 (a walk over every module, what the student's teacher calls did before) against ``sdxl.teacher.AdapterSwitch``.
@@ -32,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from odecm.objectives import add_noise, get_distance
 from odecm.solvers import solve
 
-__all__ = ["counted_iteration", "meta_twin", "pass_flops", "recompute_per_image", "switch_cost", "unet_inputs"]
+__all__ = ["count", "counted_iteration", "meta_twin", "model_flops", "pass_flops", "switch_cost", "unet_inputs"]
 
 
 def unet_inputs(unet, batch: int, latent: int, device, dtype) -> tuple[torch.Tensor, dict]:
@@ -60,54 +63,92 @@ def meta_twin(config: dict, lora_rank: int | None = None, target_modules=None):
     return twin
 
 
+def _raw(formula):
+    """A registered (shape-wrapped) flop formula, usable in ``custom_mapping`` as it is."""
+    def counted(*args, **kwargs):
+        return formula(*args, **kwargs)
+
+    counted._get_raw = True
+    return counted
+
+
+def _cpu_attention_formulas() -> dict:
+    import torch.utils.flop_counter as fc
+
+    aten = torch.ops.aten
+    mapping = {}
+    for op, formula in (("_scaled_dot_product_flash_attention_for_cpu", fc.sdpa_flop),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", fc.sdpa_backward_flop)):
+        if hasattr(aten, op):
+            mapping[getattr(aten, op)] = _raw(formula)
+    return mapping
+
+
 def _count(fn) -> tuple[Any, int]:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
         out = fn()
     return out, int(counter.get_total_flops())
 
 
+count = _count
+
+
 def pass_flops(unet, latent: int, device="meta", dtype=torch.float32) -> dict[str, int]:
     """Per-image FLOPs of each pass of a UNet carrying a LoRA (a meta twin, or the real module at batch
-    1): base forward (teacher), LoRA forward (target, student), LoRA backward without and with gradient
-    checkpointing, and their difference ``recompute``. The UNet's checkpointing setting is restored."""
+    1), with the math attention processor: base forward (teacher), LoRA forward (target, student), LoRA
+    backward without and with gradient checkpointing, and their difference ``recompute``. The UNet's
+    attention processors and checkpointing setting are restored."""
+    from diffusers.models.attention_processor import AttnProcessor
+
     from sdxl.teacher import adapter_switch
 
     x, kw = unet_inputs(unet, 1, latent, device, dtype)
     t = torch.tensor([500.0], device=device)
     switch = adapter_switch(unet)
     was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
+    processors = dict(unet.attn_processors)
+    unet.set_attn_processor(AttnProcessor())
     out: dict[str, int] = {}
-    with torch.no_grad():
-        switch.set(False)
-        _, out["base_forward"] = _count(lambda: unet(x, t, **kw).sample)
+    try:
+        with torch.no_grad():
+            switch.set(False)
+            _, out["base_forward"] = _count(lambda: unet(x, t, **kw).sample)
+            switch.set(True)
+            _, out["lora_forward"] = _count(lambda: unet(x, t, **kw).sample)
+        for ckpt in (False, True):
+            unet.enable_gradient_checkpointing() if ckpt else unet.disable_gradient_checkpointing()
+            y = unet(x, t, **kw).sample
+            _, flops = _count(lambda: y.float().pow(2).mean().backward())
+            out["lora_backward_checkpointed" if ckpt else "lora_backward"] = flops
+            for p in unet.parameters():
+                p.grad = None
+    finally:
         switch.set(True)
-        _, out["lora_forward"] = _count(lambda: unet(x, t, **kw).sample)
-    for ckpt in (False, True):
-        unet.enable_gradient_checkpointing() if ckpt else unet.disable_gradient_checkpointing()
-        y = unet(x, t, **kw).sample
-        _, flops = _count(lambda: y.float().pow(2).mean().backward())
-        out["lora_backward_checkpointed" if ckpt else "lora_backward"] = flops
-        for p in unet.parameters():
-            p.grad = None
-    unet.enable_gradient_checkpointing() if was_checkpointing else unet.disable_gradient_checkpointing()
+        unet.set_attn_processor(processors)
+        unet.enable_gradient_checkpointing() if was_checkpointing else unet.disable_gradient_checkpointing()
     out["recompute"] = out["lora_backward_checkpointed"] - out["lora_backward"]
     return out
 
 
-def recompute_per_image(unet, latent: int, device, dtype) -> int:
-    """FLOPs that gradient checkpointing re-runs per image in the backward (0 when it is off), counted
-    on the module itself at batch 1."""
-    if not getattr(unet, "is_gradient_checkpointing", False):
-        return 0
-    return pass_flops(unet, latent, device, dtype)["recompute"]
+def model_flops(per: dict[str, int], method: str, batch: int, teacher_sample_evals: float,
+                cfg_factor: int = 2) -> int:
+    """Model FLOPs of one iteration from per-image pass FLOPs: the CFG teacher (``cfg_factor`` x each
+    sample evaluation, base weights), the target (CD: one LoRA forward per image) and the student
+    (LoRA forward + backward per image)."""
+    teacher = cfg_factor * teacher_sample_evals * per["base_forward"]
+    target = batch * per["lora_forward"] if method == "cd" else 0
+    return int(teacher + target + batch * (per["lora_forward"] + per["lora_backward"]))
 
 
 def counted_iteration(student, teacher, solver, grid, schedule, target_fn, method: str, x0, n, cond,
                       mask_mode: str = "full") -> dict[str, int]:
     """FLOPs of one CD / Direct CD iteration, by phase, on the modules given (see the module docstring)."""
+    from odecm.denoisers import NFECounter
+
     t_n = grid[n.cpu()].to(x0.device, torch.float32)
     x_tn = add_noise(schedule, x0, t_n, torch.randn_like(x0))
     flops: dict[str, int] = {}
+    teacher = NFECounter(teacher)
     with torch.no_grad():
         if method == "cd":
             t_prev = grid[(n - 1).cpu()].to(x0.device, torch.float32)
@@ -118,8 +159,10 @@ def counted_iteration(student, teacher, solver, grid, schedule, target_fn, metho
             top = torch.full_like(n, depth)
             _, one = _count(lambda: solver.step(teacher, x_tn, grid[top.cpu()].to(x0.device, torch.float32),
                                                  grid[(top - 1).cpu()].to(x0.device, torch.float32), cond))
+            evals_one = teacher.evals
             value, flops["teacher"] = solve(solver, teacher, x_tn, grid, n, cond, mask_mode=mask_mode).x, depth * one
             flops["target"] = 0
+            teacher.evals = depth * evals_one  # the counted step, then the solve (depth steps)
         else:
             res, flops["teacher"] = _count(lambda: solve(solver, teacher, x_tn, grid, n, cond, mask_mode=mask_mode))
             value, flops["target"] = res.x, 0
@@ -128,6 +171,7 @@ def counted_iteration(student, teacher, solver, grid, schedule, target_fn, metho
     _, flops["student_backward"] = _count(lambda: loss.backward())
     for p in student.parameters():
         p.grad = None
+    flops["teacher_sample_evals"] = teacher.evals
     return flops
 
 

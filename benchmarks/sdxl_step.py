@@ -18,12 +18,15 @@ in one no-grad call, stop-gradient target, AdamW, clipping) on synthetic latents
 data loading, VAE and text encoders are excluded. The median of ``--iters`` timed iterations after
 ``--warmup`` ones.
 
-FLOPs (``benchmarks.sdxl_flops``): one extra iteration on the same modules under
-``torch.utils.flop_counter.FlopCounterMode``, phase by phase (teacher, target, student forward,
-student backward). *Hardware* FLOPs include the forward that gradient checkpointing recomputes;
-*model* FLOPs do not. MFU = model FLOPs / (s x peak), HFU = hardware FLOPs / (s x peak), peak = dense
-bf16 (H100 / H200 SXM 989 TFLOP/s; ``--peak-tflops`` for others). On SDXL at 1024 px the LoRA student's
-forward + backward is 2.17 LoRA forwards (15.9 / 7.32 TFLOP), not 3.
+FLOPs (``benchmarks.sdxl_flops``, ``torch.utils.flop_counter.FlopCounterMode``): *hardware* FLOPs =
+one extra iteration counted on the same modules, phase by phase (teacher, target, student forward,
+student backward), including what the implementation recomputes (gradient checkpointing's forward,
+flash attention's Q K^T in its backward); *model* FLOPs = the math of the passes the iteration needs
+(per-image base forward, LoRA forward and LoRA backward, counted once at batch 1, times the images each
+pass sees). MFU = model FLOPs / (s x peak), HFU = hardware FLOPs / (s x peak), peak = dense bf16 (H100 /
+H200 SXM 989 TFLOP/s; ``--peak-tflops`` for others). On SDXL at 1024 px the LoRA student's forward +
+backward is 2.17 LoRA forwards (15.89 / 7.32 TFLOP), not 3 base forwards; a CD iteration is 587.8 model
+TFLOP, not 649.
 
 Direct CD (``--direct-cd-estimate``): the expected number of teacher solver steps per iteration with
 per-sample n and full-batch masking is ``E[max n] = sum_{k=1..N} (1 - ((k-1)/N)^B)`` (94.6 at N = 100,
@@ -46,7 +49,7 @@ from odecm.objectives import CDTarget, DirectCDTarget, consistency_loss, draw_in
 from odecm.solvers import get_solver
 from odecm.training import EMATarget, make_optimizer
 
-from .sdxl_flops import counted_iteration, meta_twin, pass_flops, recompute_per_image, switch_cost
+from .sdxl_flops import counted_iteration, meta_twin, model_flops, pass_flops, switch_cost
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
                     "4090": 165.0}
@@ -90,7 +93,7 @@ class Bench:
     """The modules of one benchmark: a LoRA UNet (student) whose base is the CFG teacher."""
 
     def __init__(self, args, device):
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
         from odecm.schedules import sdxl_schedule
         from sdxl.student import SDXLStudent, add_lora
@@ -104,7 +107,7 @@ class Bench:
         self.unet = build_unet(args, device, self.dtype)
         self.latent = args.resolution // (8 if not args.tiny else 2)
         add_lora(self.unet, args.lora_rank, args.lora_rank)
-        self.unet.set_attn_processor(AttnProcessor2_0())
+        self.unet.set_attn_processor(AttnProcessor2_0() if args.attention == "sdpa" else AttnProcessor())
         if args.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if args.grad_checkpointing:
@@ -118,7 +121,7 @@ class Bench:
         self.optimizer = make_optimizer(self.student.parameters(), "adamw8bit" if args.adamw8bit else "adamw", lr=1e-4)
         self.autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.gpu and self.dtype != torch.float32)
         self.gen = torch.Generator().manual_seed(0)
-        self._recompute: int | None = None
+        self._per_image: dict | None = None
         B = args.batch_size
         _, kw = _inputs(self.unet, B, self.latent, device)
         self.cond = {"prompt_embeds": kw["encoder_hidden_states"], "text_embeds": kw["added_cond_kwargs"]["text_embeds"],
@@ -154,16 +157,21 @@ class Bench:
         return time.perf_counter() - t0, terms
 
     def flops(self, method: str, draw) -> dict:
+        """Hardware FLOPs by phase (counted on the run's modules) and model FLOPs (the passes' math)."""
         x0, n = draw
         with self.autocast:
             phases = counted_iteration(self.student, self.teacher, self.solver, self.grid, self.schedule, self.target,
                                        method, x0, n, self.cond, self.args.mask_mode)
-        hardware = sum(phases.values())
-        if self._recompute is None:
-            self._recompute = recompute_per_image(self.unet, self.latent, self.device, self.dtype)
-        recompute = self.args.batch_size * self._recompute
-        return {**{f"{k}_tflop": v / 1e12 for k, v in phases.items()}, "recompute_tflop": recompute / 1e12,
-                "hardware_tflop": hardware / 1e12, "model_tflop": (hardware - recompute) / 1e12}
+        evals = phases.pop("teacher_sample_evals")
+        if self._per_image is None:  # the math of each pass, counted once at batch 1 on the same UNet
+            self._per_image = pass_flops(self.unet, self.latent, self.device, self.dtype)
+        per, B = self._per_image, self.args.batch_size
+        cfg_factor = 2  # cond + uncond in one batched teacher call (w != 1)
+        return {**{f"{k}_tflop": v / 1e12 for k, v in phases.items()}, "teacher_sample_evals": evals,
+                "hardware_tflop": sum(phases.values()) / 1e12,
+                "model_tflop": model_flops(per, method, B, evals, cfg_factor) / 1e12,
+                "checkpoint_recompute_tflop": B * per["recompute"] / 1e12 if self.args.grad_checkpointing else 0.0,
+                "per_image_tflop": {k: v / 1e12 for k, v in per.items()}}
 
     @torch.no_grad()
     def teacher_step_seconds(self, repeats: int) -> float:
@@ -265,6 +273,8 @@ def parse_args(argv=None):
                    help="untimed Direct CD iterations (default 0: CD's warm-up already ran the same kernels)")
     p.add_argument("--direct-cd-estimate", action="store_true", help="estimate Direct CD from the teacher step")
     p.add_argument("--repeats", type=int, default=5, help="timed teacher steps for the estimate")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "default"],
+                   help="sdpa (flash / memory-efficient kernels) or diffusers' math AttnProcessor")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor; 'eager' traces without generating kernels: CPU flow checks)")
@@ -299,14 +309,16 @@ def flops_only(args) -> dict:
     twin = meta_twin(config, args.lora_rank)
     per = pass_flops(twin, args.resolution // (2 if args.tiny else 8))
     B, evals = args.batch_size, 2 if args.solver in ("heun", "heun_vp") else 1
-    teacher = 2 * B * evals * per["base_forward"]
-    cd_model = teacher + B * (per["lora_forward"] + per["lora_forward"] + per["lora_backward"])
+    cd_model = model_flops(per, "cd", B, B * evals)
+    depth = expected_max_index(args.num_steps, B)
     return {"per_image_tflop": {k: v / 1e12 for k, v in per.items()},
             "student_fwd_bwd_over_lora_fwd": (per["lora_forward"] + per["lora_backward"]) / per["lora_forward"],
-            "cd_model_tflop": cd_model / 1e12, "cd_hardware_tflop": (cd_model + B * per["recompute"]) / 1e12,
+            "cd_model_tflop": cd_model / 1e12,
+            "cd_model_plus_checkpoint_recompute_tflop": (cd_model + B * per["recompute"]) / 1e12,
             "old_accounting_tflop": per["base_forward"] * (2 * B * evals + B + 3 * B) / 1e12,
-            "direct_cd_teacher_tflop_per_step": teacher / 1e12,
-            "expected_direct_cd_depth": expected_max_index(args.num_steps, B)}
+            "direct_cd_teacher_tflop_per_step": 2 * B * evals * per["base_forward"] / 1e12,
+            "expected_direct_cd_depth": depth,
+            "direct_cd_model_tflop_expected": model_flops(per, "direct_cd", B, depth * B * evals) / 1e12}
 
 
 def main(argv=None) -> dict:

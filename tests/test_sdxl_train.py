@@ -133,6 +133,8 @@ def test_direct_cd_full_mask_solves_from_batch_max(tmp_path, tiny_sdxl_dir, imag
         assert r["target_steps"] == r["n_max"] == r["target_calls"]
         assert r["target_evals"] == 4 * r["n_max"]
         assert torch.isfinite(torch.tensor(r["loss"]))
+        # one adapter switch each way per iteration; switching around every teacher call: 2 per call
+        assert r["adapter_toggles"] == 2 and r["adapter_toggles_per_call"] == 2 * r["target_calls"]
 
 
 def test_direct_cd_shared_index(tmp_path, tiny_sdxl_dir, image_dir):
@@ -221,18 +223,6 @@ def test_paper_solvers_differ_from_ddim():
         assert all(get_solver(s).equivalent_to is None for s in solvers)
 
 
-def test_adamw8bit_without_bitsandbytes_says_so():
-    from odecm.training import make_optimizer
-
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="bitsandbytes"):
-            make_optimizer([torch.nn.Parameter(torch.zeros(1))], "adamw8bit")
-    else:  # pragma: no cover
-        pytest.skip("bitsandbytes is installed")
-
-
 def test_full_student_with_w_embedding_and_ema_target(tmp_path, tiny_sdxl_dir, image_dir):
     """Full-UNet student (guidance-conditioned via a w embedding) with an EMA target: the EMA copy
     shares the frozen teacher UNet, starts equal to the student and lags behind it."""
@@ -280,14 +270,3 @@ def test_lora_targets_match_lcm_lora_sdxl_size():
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     add_lora(unet, 64, 64)
     assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == 196_751_360
-
-
-def test_step_benchmark_runs_on_cpu(tmp_path):
-    from benchmarks.sdxl_step import main
-
-    rows = main(["--tiny", "--methods", "cd", "direct_cd", "--iters", "1", "--warmup", "0", "--num-steps", "4",
-                 "--batch-size", "2", "--resolution", "32", "--lora-rank", "4", "--out", str(tmp_path)])
-    cd, dcd = rows
-    assert cd["teacher_sample_evals_per_iteration"] == 2 and cd["seconds_per_iteration"] > 0
-    assert dcd["teacher_depth"] >= 1 and dcd["teacher_sample_evals_per_iteration"] == 2 * dcd["teacher_depth"]
-    assert cd["unet_forward_tflop_per_image"] > 0 and (tmp_path / "table.md").exists()
