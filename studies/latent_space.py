@@ -262,7 +262,7 @@ def plot(metrics: dict, path) -> list:
     decs = list(metrics["scatter"])
     if not decs:
         return []
-    fig, axes = plotting.new_figure(1, len(decs), size=(3.4, 3.2))
+    fig, axes = plotting.new_figure(1, len(decs), size=(3.6, 3.6))
     budgets = sorted({p[1] for pts in metrics["scatter"].values() for p in pts})
     markers = dict(zip(budgets, "osD^v"))
     for j, d in enumerate(decs):
@@ -276,14 +276,14 @@ def plot(metrics: dict, path) -> list:
         ax.set_xscale("log")
         ax.set_yscale("log")
         plotting.tidy_log_axes(ax)
-        ax.set_xlabel(plotting.label("E"), fontsize=7)
-        ax.set_ylabel(plotting.label("fd"), fontsize=7)
+        ax.set_xlabel("latent E: MSE to the teacher solver's endpoint\n(latent units²)", fontsize=7)
+        ax.set_ylabel("FD of decoded samples to decoded data\n(decoded units²)", fontsize=7)
         rho = metrics["rank_correlation"].get(d)
         ax.set_title(f"decoder {d}: Spearman {rho:+.2f}" if rho == rho else f"decoder {d}", fontsize=9)
     plotting.legend_outside(fig, axes, ncol=4)
     fig.suptitle(plotting.title("Latent space: latent E vs decoded sample quality (one point per student)",
                                 metrics["quick"]), fontsize=9)
-    return plotting.save(fig, path, rect=(0, 0.1, 1, 0.95))
+    return plotting.save(fig, path, rect=(0, 0.12, 1, 0.95))
 
 
 def table(metrics: dict) -> str:
