@@ -46,11 +46,17 @@ def make_accelerator(cfg: SDXLTrainConfig, trackers: bool = False):
     tracker of ``cfg.log_with`` logging under ``<out_dir>/tensorboard``). Making it creates no folder.
 
     fp16 uses a grad scaler starting at ``speed.fp16_init_scale``. accelerate makes none on CPU, so
-    there it gets ``torch.amp.GradScaler("cpu")``: CPU runs take the same fp16 code path as GPUs."""
+    there it gets ``torch.amp.GradScaler("cpu")``: CPU runs take the same fp16 code path as GPUs. A
+    second run in one process may use another precision (accelerate's process-wide state is reset)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import GradScalerKwargs
 
     mp = cfg.speed.mixed_precision
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, mp):
+        # accelerate keeps one state per process; a later run in the same process (tests, notebooks) may
+        # ask for another precision. Reset that state only, never the process group (PartialState).
+        AcceleratorState._reset_state(reset_partial_state=False)
     handlers = [GradScalerKwargs(init_scale=cfg.speed.fp16_init_scale)] if mp == "fp16" else []
     log_with = resolve_log_with(cfg) if trackers else None
     acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers, log_with=log_with,

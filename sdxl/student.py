@@ -244,12 +244,12 @@ STUDENT_INFO = "odecm_student.json"
 
 def write_student_info(folder: str | Path, cfg) -> Path:
     """``folder/odecm_student.json``: the training facts a sampler needs (grid size N, timestep indexing,
-    boundary scalings, student kind, method, solver) from a ``SDXLTrainConfig``."""
+    boundary scalings, student kind, method, solver, teacher guidance) from a ``SDXLTrainConfig``."""
     info = {"grid_size": cfg.distill.grid_size, "grid": cfg.distill.grid, "timestep_offset": cfg.model.timestep_offset,
             "kind": cfg.student.kind, "sigma_data": cfg.student.sigma_data,
             "timestep_scaling": cfg.student.timestep_scaling, "method": cfg.distill.method, "solver": cfg.distill.solver,
             "guidance_scale": cfg.teacher.guidance_scale, "cfg_convention": cfg.teacher.cfg_convention,
-            "model": cfg.model.pretrained}
+            "uncond": getattr(cfg.teacher, "uncond", "zeros"), "model": cfg.model.pretrained}
     path = Path(folder) / STUDENT_INFO
     path.write_text(json.dumps(info, indent=2))
     return path

@@ -238,7 +238,9 @@ class AdapterSwitch:
 
     The student's state must be on whenever its graph is used: a gradient-checkpointed backward
     re-runs the student's forward with the flags as they are then. ``sdxl.loss`` therefore leaves the
-    state on at the end of every loss evaluation (the student's own call already does)."""
+    state on at the end of every loss evaluation (the student's own call already does). Once a UNet
+    has a switch, change its adapter state only through it (not ``unet.disable_adapters()``), and call
+    the UNet through the denoisers (``UNetModel``), which set the state each call needs."""
 
     def __init__(self, unet: nn.Module):
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -242,8 +242,9 @@ def train(cfg: SDXLTrainConfig, resume: str | None = None, accelerator=None, ove
     start, t0 = int(meta["step"]) if meta else 0, time.perf_counter()
     try:
         history = trainer.run(resume=resume)
-    finally:
-        acc.end_training()
+    finally:  # not acc.end_training(): it also destroys the process group, which the rest still needs
+        for tracker in getattr(acc, "trackers", []):
+            tracker.finish()
     segment = {"resumed_from_step": start, "steps": len(history), "wall_seconds": time.perf_counter() - t0,
                "resume_changes": notes}
     acc.wait_for_everyone()
