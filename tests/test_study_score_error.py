@@ -118,6 +118,7 @@ def test_edm_euler_rows_merge_into_ddim_and_paper_solvers_give_distinct_rows():
 
 def test_curves_and_teacher_initialisation(tmp_path):
     res = score_error.run(_cfg("curves.enabled=true", "curves.steps=[4,8,16]", "train.train_steps=16",
+                               "train.lr_schedule=constant",
                                "train.warmup_steps=2", "curves.targets=[stop_gradient,ema]", "inits=[scratch,teacher]",
                                "init_steps=3", "methods=[cd,direct_cd]", "seeds=[0,1]"))
     curves = {c["label"]: c for c in res["curves"]}
