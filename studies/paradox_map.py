@@ -226,8 +226,8 @@ def run(cfg: ParadoxMapConfig, out_dir=None, progress: bool | None = None, argv:
     from . import paradox_map_engine as engine
     from . import paradox_map_report as report
 
+    common.set_threads(cfg.threads)  # first, so config.json's provenance records the threads the run uses
     out = common.open_output(out_dir, cfg, argv, study=STUDY, quick=cfg.quick)
-    common.set_threads(cfg.threads)
     progress = cfg.progress if progress is None else progress
     load_start = os.getloadavg()
     start, cpu_start = time.perf_counter(), time.process_time()
