@@ -105,6 +105,8 @@ def test_gpu_suite_cpu_flow(tmp_path):
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (out / "notes.txt").read_text() == ""  # no part stopped at its time limit
+    assert (out / "compile" / "metrics.json").exists()
     summary = (out / "summary.md").read_text()
     assert "| cd (ddim) |" in summary and "| direct_cd (ddim) |" in summary and "total wall seconds" in summary
     eager = json.loads((out / "eager" / "metrics.json").read_text())
