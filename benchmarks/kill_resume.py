@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .kill_resume_runner import finish, kill_all, kill_moment, start, warm_imports
+from .kill_resume_runner import finish, fresh_entries, kill_all, kill_moment, start, warm_imports
 from .kill_resume_train import SDXL_TRAIN, TRAINER, check_latest, final_comparison, kill_position, logged_steps
 
 __all__ = ["main", "run_train_target", "kill_modes", "format_table", "TARGETS"]
@@ -55,9 +55,9 @@ def kill_modes(n: int, final_at: int | None = None) -> list[str]:
     return modes
 
 
-def _checkpoint_probe(out: Path, mode: str, train_steps: int):
-    """``writing()`` for a ``write`` kill (a ``.tmp_step_*`` checkpoint folder exists) or a ``final`` kill
-    (``latest`` names the last step)."""
+def _checkpoint_probe(out: Path, mode: str, train_steps: int, since: float):
+    """``writing()`` for a ``write`` kill (a ``.tmp_step_*`` checkpoint folder made since ``since``) or a
+    ``final`` kill (``latest`` names the last step)."""
     ckdir = out / "checkpoints"
     if mode == "final":
         want = f"step_{train_steps:07d}"
@@ -70,17 +70,8 @@ def _checkpoint_probe(out: Path, mode: str, train_steps: int):
         return final
 
     def writing() -> bool:
-        try:
-            return any(name.startswith(".tmp_step_") for name in _listdir(ckdir))
-        except OSError:
-            return False
+        return bool(fresh_entries(ckdir, since, lambda name: name.startswith(".tmp_step_")))
     return writing
-
-
-def _listdir(folder: Path) -> list[str]:
-    import os
-
-    return os.listdir(folder)
 
 
 def _last_logged_step(out: Path) -> int:
@@ -88,8 +79,8 @@ def _last_logged_step(out: Path) -> int:
     return max(steps) if steps else 0
 
 
-def run_train_target(target: dict, work: Path, kills: int, rng: np.random.Generator, spawn: bool = False,
-                     extra: dict[str, Any] | None = None, final_at: int | None = None,
+def run_train_target(target: dict, work: Path, kills: int, rng: np.random.Generator,
+                     spawn: bool | None = None, extra: dict[str, Any] | None = None, final_at: int | None = None,
                      modes: list[str] | None = None, max_crashes: int = 3, max_runs: int = 20) -> dict[str, Any]:
     """Target (a) or (b): the uninterrupted run, then killed runs restarted as a user would (resume
     latest; a fresh start with overwrite when there is nothing to resume). ``modes`` (default
@@ -103,6 +94,7 @@ def run_train_target(target: dict, work: Path, kills: int, rng: np.random.Genera
     if finish(child) != 0:
         raise RuntimeError(f"{name}: the uninterrupted run failed (status {child.returncode}):\n{child.log_tail()}")
     window = time.perf_counter() - child.started
+    hang = max(120.0, 20 * window)  # a worker taking longer is stuck: killed and counted as a crash
     out: dict[str, Any] = {"target": name, "uninterrupted_seconds": window, "kills": 0, "kills_survived": 0,
                            "positions": Counter(), "runs": 0, "runs_exact": 0, "steps_redone": 0,
                            "published_lost": 0, "refused_fresh_restarts": 0, "crashes": [], "events": [],
@@ -121,19 +113,19 @@ def run_train_target(target: dict, work: Path, kills: int, rng: np.random.Genera
             segment += 1
             mode = modes[out["kills"]] if out["kills"] < kills else None
             if mode is None:
-                finish(child)
+                finish(child, hang)
                 outcome = "finished"
             else:
-                probe = _checkpoint_probe(run_dir, mode, train_steps) if mode != "random" else None
+                probe = _checkpoint_probe(run_dir, mode, train_steps, started_at) if mode != "random" else None
                 before = check_latest(run_dir)[1]["step"]
                 # a write kill waits for a published checkpoint, which the cut write must leave intact
                 settle = (lambda run_dir=run_dir: (run_dir / "checkpoints" / "latest").exists())
-                outcome = kill_moment(child, mode, rng, window, writing=probe, settle=settle)
+                outcome = kill_moment(child, mode, rng, window, writing=probe, settle=settle, timeout=hang)
             if outcome == "killed":
                 out["kills"] += 1
                 ok, info = check_latest(run_dir)
                 logged = _last_logged_step(run_dir)
-                position = "after_final_checkpoint" if mode == "final" else kill_position(info)
+                position = "after_final_checkpoint" if mode == "final" else kill_position(run_dir, started_at)
                 out["positions"][position] += 1
                 # steps this segment logged past the surviving checkpoint (a log untouched since the
                 # segment started still shows an earlier segment's steps, already counted)
@@ -232,7 +224,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary folder, deleted unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
-    ap.add_argument("--spawn", action="store_true", help="fresh python processes instead of forks")
+    ap.add_argument("--spawn", action="store_const", const=True, default=None,
+                    help="fresh python processes instead of forks (default: fork while that is safe)")
     ap.add_argument("--json", default=None, help="also write the figures (and every kill event) here")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .kill_resume_runner import Child, finish, kill_moment, max_abs_diff, read_tensors, start
+from .kill_resume_runner import Child, finish, fresh_entries, kill_moment, max_abs_diff, read_tensors, start
 
 __all__ = ["reference_worker", "latent_cache_worker", "run_reference_target", "run_latent_cache_target",
            "CAPTIONS"]
@@ -121,19 +121,17 @@ def _computed(child: Child) -> int:
     return 0
 
 
-def _tmp_present(folder: Path | None) -> bool:
-    """A shard or manifest write in progress (their temporary files)."""
+def _tmp_present(folder: Path | None, since: float) -> bool:
+    """A shard or manifest write in progress: a temporary file written since ``since`` (``time.time()``)."""
     if folder is None:
         return False
-    try:
-        return (folder / "manifest.tmp").exists() or any(p.suffix == ".tmp" for p in (folder / "shards").iterdir())
-    except OSError:
-        return False
+    is_tmp = (lambda name: name.endswith(".tmp"))
+    return bool(fresh_entries(folder, since, is_tmp) or fresh_entries(folder / "shards", since, is_tmp))
 
 
-def _writing(folder_of) -> Any:
-    """Probe of a ``write`` kill: a temporary file exists, or a new PNG appeared since the probe was made
-    (a shard's images are being written; its shard file comes after them)."""
+def _writing(folder_of, since: float) -> Any:
+    """Probe of a ``write`` kill: a temporary file written since ``since``, or a new PNG appeared since
+    the probe was made (a shard's images are being written; its shard file comes after them)."""
     def count() -> int:
         folder = folder_of()
         try:
@@ -144,12 +142,12 @@ def _writing(folder_of) -> Any:
     first = count()
 
     def probe() -> bool:
-        return _tmp_present(folder_of()) or count() > first
+        return _tmp_present(folder_of(), since) or count() > first
     return probe
 
 
 def run_reference_target(work: Path, model: Path, kills: int, rng: np.random.Generator,
-                         spawn: bool = False) -> dict[str, Any]:
+                         spawn: bool | None = None) -> dict[str, Any]:
     """Target (c); returns the figures (see module docstring)."""
     work.mkdir(parents=True, exist_ok=True)
     captions = work / "captions.txt"
@@ -161,6 +159,7 @@ def run_reference_target(work: Path, model: Path, kills: int, rng: np.random.Gen
     if finish(child) != 0:
         raise RuntimeError(f"reference: the uninterrupted run failed:\n{child.log_tail()}")
     window, ref = time.perf_counter() - child.started, _reference_folder(work / "uninterrupted")
+    hang = max(120.0, 20 * window)  # a worker taking longer is stuck: killed and counted as a crash
     out: dict[str, Any] = {"target": "reference (2 processes)", "uninterrupted_seconds": window, "kills": 0,
                            "kills_survived": 0, "positions": {}, "runs": 0, "runs_exact": 0, "published_lost": 0,
                            "computed": 0, "needed": 0, "crashes": [], "events": [], "max_abs_weight_diff": 0.0,
@@ -181,15 +180,16 @@ def run_reference_target(work: Path, model: Path, kills: int, rng: np.random.Gen
                 break
             victim = running[int(rng.integers(len(running)))]
             mode = "random" if out["kills"] % 2 == 0 else "write"
+            since = time.time()
             outcome = kill_moment(children[victim], mode, rng, window,
-                                  writing=_writing(folder_of) if mode == "write" else None)
+                                  writing=_writing(folder_of, since) if mode == "write" else None, timeout=hang)
             if outcome != "killed":
                 continue
             out["kills"] += 1
             kills_here += 1
             problems, owner = _shard_state(folder_of())
             done_at_kills |= set(owner)
-            where = "mid_write" if _tmp_present(folder_of()) else ("after_png" if mode == "write" else "other")
+            where = "mid_write" if _tmp_present(folder_of(), since) else ("after_png" if mode == "write" else "other")
             positions[where] = positions.get(where, 0) + 1
             out["kills_survived"] += int(not problems)
             out["events"].append({"run": r, "victim": victim, "mode": mode, "position": where, "done": sorted(owner),
@@ -198,12 +198,12 @@ def run_reference_target(work: Path, model: Path, kills: int, rng: np.random.Gen
             children[victim] = start(f"reference {victim}", spec, {"cache_dir": str(cache), **kw},
                                      logs / f"run{r}_{victim}{seg[victim]}.log", spawn)
         for p, c in children.items():
-            status = finish(c)
+            status = finish(c, hang)
             out["computed"] += _computed(c) if status == 0 else 0
             if status != 0:
                 out["crashes"].append({"run": r, "process": p, "status": status, "log": c.log_tail()})
         finisher = start("reference rerun", spec, {"cache_dir": str(cache), **kw}, logs / f"run{r}_rerun.log", spawn)
-        if finish(finisher) != 0:
+        if finish(finisher, hang) != 0:
             out["crashes"].append({"run": r, "process": "rerun", "status": finisher.returncode,
                                    "log": finisher.log_tail()})
         out["computed"] += _computed(finisher)
@@ -258,7 +258,7 @@ def _cache_state(folder: Path | None) -> tuple[list[str], dict[str, dict[str, np
 
 
 def run_latent_cache_target(work: Path, model: Path, kills: int, rng: np.random.Generator,
-                            spawn: bool = False) -> dict[str, Any]:
+                            spawn: bool | None = None) -> dict[str, Any]:
     """Target (d); returns the figures (see module docstring)."""
     from sdxl.data import make_synthetic_dataset
 
@@ -272,6 +272,7 @@ def run_latent_cache_target(work: Path, model: Path, kills: int, rng: np.random.
     if finish(child) != 0:
         raise RuntimeError(f"latent_cache: the uninterrupted build failed:\n{child.log_tail()}")
     window = time.perf_counter() - child.started
+    hang = max(120.0, 20 * window)  # a worker taking longer is stuck: killed and counted as a crash
     ref_folder = _cache_folder(work / "uninterrupted")
     _, ref_samples, ref_index = _cache_state(ref_folder)
     out: dict[str, Any] = {"target": "latent_cache", "uninterrupted_seconds": window, "kills": 0, "kills_survived": 0,
@@ -284,18 +285,18 @@ def run_latent_cache_target(work: Path, model: Path, kills: int, rng: np.random.
         cache, segment, done_at_kills = work / f"run{r}", 0, set()
         folder_of = (lambda cache=cache: _cache_folder(cache))
 
-        def writing() -> bool:
-            folder = folder_of()
-            return folder is not None and any(p.suffix == ".tmp" for p in folder.iterdir())
         while True:
+            since = time.time()
+            writing = (lambda since=since: fresh_entries(folder_of(), since, lambda name: name.endswith(".tmp")) != [])
             child = start("latent_cache", spec, {"out": str(cache), **kw}, logs / f"run{r}_seg{segment}.log", spawn)
             segment += 1
             if out["kills"] >= kills:
-                finish(child)
+                finish(child, hang)
                 outcome = "finished"
             else:
                 mode = "random" if out["kills"] % 2 == 0 else "write"
-                outcome = kill_moment(child, mode, rng, window, writing=writing if mode == "write" else None)
+                outcome = kill_moment(child, mode, rng, window, writing=writing if mode == "write" else None,
+                                      timeout=hang)
             if outcome == "killed":
                 out["kills"] += 1
                 where = "mid_write" if folder_of() is not None and writing() else "other"
@@ -333,5 +334,5 @@ def run_latent_cache_target(work: Path, model: Path, kills: int, rng: np.random.
         out["problems"] += [f"run {r}: {p}" for p in problems]
         out["runs_exact"] += int(not problems and diff == 0.0)
     out["positions"] = positions
-    out["work_redone_label"] = f"{out['steps_redone']} shards encoded again"
+    out["work_redone_label"] = f"{out['steps_redone']} finished shards encoded again"
     return out

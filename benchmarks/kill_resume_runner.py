@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["Child", "warm_imports", "start", "kill_all", "kill_moment", "finish", "read_tensors", "max_abs_diff",
-           "tmp_entries", "REPO"]
+           "fresh_entries", "REPO"]
 
 REPO = Path(__file__).resolve().parent.parent
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -139,9 +139,43 @@ def _call(spec: str, kwargs: dict[str, Any]) -> int:
         return 1
 
 
-def start(name: str, spec: str, kwargs: dict[str, Any], log: Path, spawn: bool = False) -> Child:
-    """Start worker ``spec`` (``module:function``) with ``kwargs``; stdout and stderr go to ``log``."""
+def _fork_safe() -> bool:
+    """Stop the helper threads a fork must not inherit (tqdm's monitor thread, which holds tqdm's lock
+    now and then: a child forked at that moment hangs at its first progress bar); True when only the
+    main thread is left."""
+    import threading
+
+    try:
+        from tqdm import std
+
+        classes, stack = [], [std.tqdm]
+        while stack:
+            cls = stack.pop()
+            classes.append(cls)
+            stack += cls.__subclasses__()
+        std.tqdm.monitor_interval = 0
+        for cls in classes:
+            monitor = cls.__dict__.get("monitor")
+            if monitor is not None:
+                monitor.exit()
+                cls.monitor = None
+    except ImportError:
+        pass
+    return all(t is threading.main_thread() or not t.is_alive() for t in threading.enumerate())
+
+
+def start(name: str, spec: str, kwargs: dict[str, Any], log: Path, spawn: bool | None = False) -> Child:
+    """Start worker ``spec`` (``module:function``) with ``kwargs``; stdout and stderr go to ``log``.
+    ``spawn=None``: fork when this process has no other thread left (``_fork_safe``), else spawn."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    if not spawn and not _fork_safe():
+        import threading
+
+        names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        if spawn is False:
+            raise RuntimeError(f"cannot fork safely: this process runs other threads {names}; use spawn")
+        print(f"[kill_resume] other threads {names} are running: starting {name} as a fresh process", flush=True)
+        spawn = True
     if spawn:
         env = {**os.environ, **THREAD_ENV, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with open(log, "ab") as fh:
@@ -171,8 +205,9 @@ def start(name: str, spec: str, kwargs: dict[str, Any], log: Path, spawn: bool =
     return child
 
 
-def finish(child: Child, timeout: float | None = None) -> int:
-    """Wait for the child to end (SIGKILL after ``timeout`` seconds); its exit status (-9: killed)."""
+def finish(child: Child, timeout: float | None = 900.0) -> int:
+    """Wait for the child to end (SIGKILL after ``timeout`` seconds: a hung worker never blocks the
+    benchmark); its exit status (-9: killed)."""
     deadline = None if timeout is None else time.perf_counter() + timeout
     while child.poll() is None:
         if deadline is not None and time.perf_counter() > deadline:
@@ -183,20 +218,32 @@ def finish(child: Child, timeout: float | None = None) -> int:
     return child.returncode
 
 
-def tmp_entries(folder: Path, pattern: str = "*.tmp*") -> list[str]:
-    """Names under ``folder`` (recursively) matching ``pattern``: writes in progress."""
+def fresh_entries(folder: Path | None, since: float, match: Callable[[str], bool]) -> list[str]:
+    """Names in ``folder`` that ``match`` and were created or modified at or after ``since`` (``time.time()``):
+    what the current worker left, not the leftovers of an earlier kill."""
+    if folder is None:
+        return []
+    found = []
     try:
-        return sorted(p.name for p in Path(folder).rglob(pattern))
-    except OSError:  # a folder vanished while being listed (a rename in progress)
-        return ["<listing raced a rename>"]
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            if match(entry.name) and entry.stat(follow_symlinks=False).st_mtime >= since:
+                found.append(entry.name)
+        except OSError:  # renamed or deleted while listed
+            continue
+    return sorted(found)
 
 
 def kill_moment(child: Child, mode: str, rng: np.random.Generator, window: float,
-                writing: Callable[[], bool] | None = None, settle: Callable[[], bool] | None = None) -> str:
+                writing: Callable[[], bool] | None = None, settle: Callable[[], bool] | None = None,
+                timeout: float | None = None) -> str:
     """Kill ``child`` at a ``random`` moment (uniform in [0, ``window``] s after its start) or, in any
     other mode, as soon as the probe ``writing()`` is true (polled continuously; e.g. a write in
-    progress). ``settle()`` (optional) must be true as well. Returns ``"killed"`` or ``"finished"``
-    (the child ended on its own first)."""
+    progress). ``settle()`` (optional) must be true as well. Returns ``"killed"``, ``"finished"`` (the
+    child ended on its own first) or ``"hung"`` (no probe fired within ``timeout`` s; killed)."""
     if mode == "random":
         deadline = child.started + float(rng.uniform(0.0, window))
         while time.perf_counter() < deadline:
@@ -206,10 +253,12 @@ def kill_moment(child: Child, mode: str, rng: np.random.Generator, window: float
         return "killed" if child.kill() else "finished"
     if writing is None:
         raise ValueError(f"kill mode {mode!r} needs a writing() probe (only 'random' runs without one)")
-    polls = 0
+    polls, deadline = 0, None if timeout is None else child.started + timeout
     while child.poll() is None:
         if (settle is None or settle()) and writing():
             return "killed" if child.kill() else "finished"
+        if deadline is not None and time.perf_counter() > deadline:
+            return "hung" if child.kill() else "finished"
         polls += 1
         if polls % 64 == 0:
             time.sleep(0)  # yield; the probe itself is the wait

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .kill_resume_runner import max_abs_diff, read_tensors
+from .kill_resume_runner import fresh_entries, max_abs_diff, read_tensors
 
 __all__ = ["trainer_worker", "sdxl_train_worker", "TRAINER", "SDXL_TRAIN", "check_latest", "kill_position",
            "logged_steps", "final_comparison"]
@@ -132,13 +132,13 @@ def check_latest(out: Path) -> tuple[bool, dict[str, Any]]:
     return True, info
 
 
-def kill_position(info: dict[str, Any]) -> str:
-    """Where a kill landed, from what it left: a checkpoint being written, one written but not yet
-    verified by a finite loss, or neither."""
-    names = info["leftovers"]
-    if any(n.startswith(".tmp_") for n in names):
+def kill_position(out: Path, since: float) -> str:
+    """Where a kill landed, from what the killed worker (active since ``since``, ``time.time()``) left:
+    a checkpoint being written, one written but not yet verified by a finite loss, or neither."""
+    ckdir = Path(out) / "checkpoints"
+    if fresh_entries(ckdir, since, lambda n: n.startswith(".tmp_step_")):
         return "mid_write"
-    if any(n.startswith(".pending_") for n in names):
+    if fresh_entries(ckdir, since, lambda n: n.startswith(".pending_")):
         return "pending"
     return "other"
 
