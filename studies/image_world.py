@@ -108,8 +108,8 @@ class ImageWorldConfig(StrictModel):
 #: default run's cached classifier, autoencoder and teachers serve it.
 QUICK: dict[str, Any] = {
     "seeds": [0, 1],
-    "train": {"train_steps": 40, "batch_size": 16, "pool_size": 256, "warmup_steps": 5, "log_every": 10},
-    "eval": {"num_samples": 64, "score_error_samples": 32, "score_error_times": 4, "ode_rtol": 1e-4, "grid_images": 6},
+    "train": {"train_steps": 20, "batch_size": 8, "pool_size": 256, "warmup_steps": 2, "log_every": 5},
+    "eval": {"num_samples": 48, "score_error_samples": 32, "score_error_times": 4, "ode_rtol": 1e-4, "grid_images": 6},
 }
 
 

@@ -23,7 +23,7 @@ import torch
 from odecm.denoisers import Denoiser
 from odecm.solvers import solve
 from toys.image_world.exact import EmpiricalDenoiser, exact_ode_endpoint
-from toys.image_world.metrics import (class_tv, feature_metrics, frechet, memorisation, nearest_distance, ode_error,
+from toys.image_world.metrics import (class_histogram, class_tv, feature_metrics, frechet, memorisation, nearest_distance, ode_error,
                                       shrinkage)
 from toys.image_world.teachers import guided
 from toys.image_world.world import Space, World
@@ -101,7 +101,9 @@ def member_metrics(world: World, space: Space, out: Tensor, ref: Reference, ev: 
     if full:
         row.update({k: v for k, v in feature_metrics(feats, ref.chain_feats, "teacher").items() if not k.startswith("fd")})
         row.update({k: v for k, v in feature_metrics(feats, world.test_features, "data").items() if not k.startswith("fd")})
-        row["class_tv"] = class_tv(world.predict(pix), world.data.num_classes)
+        pred = world.predict(pix)
+        row["class_tv"] = class_tv(pred, world.data.num_classes)
+        row["class_histogram"] = class_histogram(pred, world.data.num_classes).tolist()
         row["memorisation"] = memorisation(pix, world.data.train, mem_threshold)
         row.update(shrinkage(pix, ref.chain_pix))
     return row

@@ -47,7 +47,7 @@ def execute(cfg, progress: bool = True, quick: bool = False) -> dict[str, Any]:
     # 1. world: data, classifier, autoencoder, spaces with their exact teachers
     with common.Timer() as tm:
         world = build_world(cfg.data, cfg.spaces, cfg.grid_size, cfg.classifier, cfg.autoencoder,
-                            cfg.guidance is not None, progress=progress, **cache)
+                            cfg.guidance is not None, progress=progress, device=dev, **cache)
     timings["world"] = tm.seconds
     t_T = float(world.grid[-1])
     num_classes = world.data.num_classes if cfg.guidance is not None else 0
@@ -124,6 +124,9 @@ def execute(cfg, progress: bool = True, quick: bool = False) -> dict[str, Any]:
                                   world.schedule, on_budget, budgets, dev, progress=label if progress else False)
             histories[label] = hist.to_dict()
             timings[f"train {label}"] = hist.seconds
+            if not progress:
+                print(f"[image_world] {label}: trained {hist.seconds:.0f} s, measured {hist.eval_seconds:.0f} s "
+                      f"({time.perf_counter() - start:.0f} s so far)", flush=True)
             loss = hist.window_mean(0.9, 1.01)
             mid = max([b for b in budgets if b <= S // 2], default=budgets[0])
             half = {c["seed"]: c["E_solver"] for c in curves

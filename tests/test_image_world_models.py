@@ -47,6 +47,37 @@ def test_npy_source_and_bad_data_configs(tmp_path):
         DataConfig(source="folder", path=str(tmp_path / "x.npy"))
 
 
+def test_folder_source_reads_class_subfolders(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray((torch.rand(10, 12) * 255).to(torch.uint8).numpy()).save(tmp_path / c / f"{i}.png")
+    d = load_images(DataConfig(source="folder", path=str(tmp_path), resolution=8, holdout_fraction=0.4))
+    assert d.train.shape == (6, 1, 8, 8) and d.test.shape == (4, 1, 8, 8) and d.num_classes == 2
+    assert float(d.train.min()) >= -1.0 and float(d.train.max()) <= 1.0
+
+
+def test_guided_learned_teacher_trains_with_a_null_class(digits, tmp_path):
+    from toys.image_world.teachers import GuidanceConfig, LearnedTeacherConfig, guided, learned_teacher
+    from toys.image_world.unet import UNetConfig
+
+    cfg = LearnedTeacherConfig(unet=UNetConfig(channels=[8, 16], emb_dim=16), train_steps=3, batch_size=8)
+    x, y = digits.train[:60], digits.train_labels[:60]
+    den, info = learned_teacher(cfg, x, y, SCH, 0.7, 10, {"data": "test"}, tmp_path)
+    assert den.net.label_emb.num_embeddings == 11 and info["cache"] == "built"
+    t = torch.full((4,), 500.0)
+    cond, null = torch.tensor([0, 1, 2, 3]), torch.full((4,), 10)
+    g = guided(den, GuidanceConfig(scale=3.0, convention="imagen"), 10)
+    e_c, e_u = den(x[:4], t, cond).eps, den(x[:4], t, null).eps
+    assert torch.allclose(g(x[:4], t, cond).eps, e_u + 3.0 * (e_c - e_u), atol=1e-5)
+    assert torch.allclose(den(x[:4], t, None).eps, e_u)  # None = the null class
+    _, again = learned_teacher(cfg, x, y, SCH, 0.7, 10, {"data": "test"}, tmp_path)
+    _, other = learned_teacher(cfg.model_copy(update={"seed": 1}), x, y, SCH, 0.7, 10, {"data": "test"}, tmp_path)
+    assert again["cache"] == "hit" and other["cache"] == "built" and other["key"] != info["key"]
+
+
 @pytest.mark.slow
 def test_autoencoder_reconstruction_is_below_the_bound(digits, tmp_path):
     """A short training run (600 steps, width 16) already reconstructs held-out digits to MSE < 0.06 in
@@ -103,6 +134,19 @@ def test_config_errors_name_the_key():
         load_config(ImageWorldConfig, None, ["eval.budgets=[5000]"])
     todo, skipped = cells(load_config(ImageWorldConfig, None, []))
     assert len(todo) == 6 and len(skipped) == 2 and all(s["teacher"] == "exact" and s["student"] == "lora" for s in skipped)
+
+
+def test_shipped_configs_load_and_the_default_one_is_the_defaults():
+    from pathlib import Path
+
+    from studies.image_world import ImageWorldConfig
+
+    folder = Path(__file__).resolve().parent.parent / "studies" / "configs"
+    assert load_config(ImageWorldConfig, folder / "image_world.yaml") == ImageWorldConfig()
+    full = load_config(ImageWorldConfig, folder / "image_world_full.yaml")
+    assert full.solvers == ["ddim", "euler_vp", "heun_vp"] and full.teacher == ImageWorldConfig().teacher
+    gpu = load_config(ImageWorldConfig, folder / "image_world_gpu.yaml")
+    assert gpu.device == "cuda" and gpu.data.resolution == 16 and gpu.autoencoder.downsample == 4 and gpu.seeds == [0, 1, 2]
 
 
 @pytest.mark.slow

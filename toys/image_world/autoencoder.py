@@ -86,27 +86,30 @@ class KLAutoencoder(nn.Module):
 
     @torch.no_grad()
     def encode_all(self, x: Tensor, chunk: int = 1024) -> Tensor:
-        dtype = self.latent_scale.dtype
-        return torch.cat([self.encode(x[i:i + chunk].to(dtype)) for i in range(0, x.shape[0], chunk)])
+        """``encode`` in chunks on the model's device; returns a CPU tensor."""
+        s = self.latent_scale
+        return torch.cat([self.encode(x[i:i + chunk].to(device=s.device, dtype=s.dtype)).cpu() for i in range(0, x.shape[0], chunk)])
 
     @torch.no_grad()
     def decode_all(self, z: Tensor, chunk: int = 1024) -> Tensor:
-        dtype = self.latent_scale.dtype
-        return torch.cat([self.decode(z[i:i + chunk].to(dtype)) for i in range(0, z.shape[0], chunk)])
+        """``decode`` in chunks on the model's device; returns a CPU tensor."""
+        s = self.latent_scale
+        return torch.cat([self.decode(z[i:i + chunk].to(device=s.device, dtype=s.dtype)).cpu() for i in range(0, z.shape[0], chunk)])
 
 
 def train_autoencoder(model: KLAutoencoder, images: Tensor, progress: bool = False) -> dict[str, Any]:
-    """Train in place on ``images (N, C, H, W)`` (see module docstring); sets ``latent_scale``."""
+    """Train in place on ``images (N, C, H, W)`` (on the model's device; see module docstring); sets ``latent_scale``."""
     cfg = model.cfg
+    images = images.to(model.latent_scale.device)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(1, cfg.train_steps))))
     model.train()
     recon_hist = []
     for _ in tqdm(range(cfg.train_steps), desc="autoencoder", disable=not progress, leave=False, mininterval=2.0):
-        x = images[torch.randint(images.shape[0], (cfg.batch_size,), generator=g)]
+        x = images[torch.randint(images.shape[0], (cfg.batch_size,), generator=g).to(images.device)]
         mu, logvar = model.posterior(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g).to(mu.device)
         recon = ((model.decoder(z) - x) ** 2).mean()
         kl = 0.5 * (mu**2 + logvar.exp() - 1.0 - logvar).mean()
         loss = recon + cfg.kl_weight * kl
@@ -124,12 +127,13 @@ def train_autoencoder(model: KLAutoencoder, images: Tensor, progress: bool = Fal
 
 
 def load_autoencoder(cfg: AutoencoderConfig, images: Tensor, key: dict[str, Any], cache_dir=None,
-                     use_cache: bool = True, progress: bool = False) -> tuple[KLAutoencoder, dict[str, Any]]:
-    """The cached autoencoder for ``images``; ``key`` identifies the data (joins the cache key with ``cfg``)."""
+                     use_cache: bool = True, progress: bool = False, device: str = "cpu") -> tuple[KLAutoencoder, dict[str, Any]]:
+    """The cached autoencoder for ``images`` (trained and kept on ``device``); ``key`` identifies the data
+    (joins the cache key with ``cfg``)."""
     if images.shape[-1] % cfg.downsample or images.shape[-2] % cfg.downsample:
         raise ValueError(f"autoencoder.downsample={cfg.downsample} does not divide the image size {tuple(images.shape[-2:])}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = KLAutoencoder(images.shape[1], cfg)
+        model = KLAutoencoder(images.shape[1], cfg).to(device)
     config = {"what": "autoencoder", "version": VERSION, "autoencoder": cfg.model_dump(mode="json"), "shape": list(images.shape[1:]), **key}
     return cached_module("autoencoder", config, model, lambda m: train_autoencoder(m, images, progress), cache_dir, use_cache)

@@ -59,14 +59,21 @@ class DigitClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
 
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
     @torch.no_grad()
     def features_all(self, x: Tensor, chunk: int = 2048) -> Tensor:
-        """Features of ``x`` (float32 in, float64 out), in chunks."""
-        return torch.cat([self.features(x[i:i + chunk].float()) for i in range(0, x.shape[0], chunk)]).double()
+        """Features of ``x`` in chunks on the model's device: float64, on the CPU."""
+        return torch.cat([self.features(x[i:i + chunk].to(self.device, torch.float32)).cpu()
+                          for i in range(0, x.shape[0], chunk)]).double()
 
     @torch.no_grad()
     def predict_all(self, x: Tensor, chunk: int = 2048) -> Tensor:
-        return torch.cat([self(x[i:i + chunk].float()).argmax(-1) for i in range(0, x.shape[0], chunk)])
+        """Predicted classes (CPU)."""
+        return torch.cat([self(x[i:i + chunk].to(self.device, torch.float32)).argmax(-1).cpu()
+                          for i in range(0, x.shape[0], chunk)])
 
 
 def _shift(x: Tensor, max_shift: int, g: torch.Generator) -> Tensor:
@@ -88,13 +95,15 @@ def accuracy(model: DigitClassifier, images: Tensor, labels: Tensor) -> float:
 
 def train_classifier(model: DigitClassifier, images: Tensor, labels: Tensor, cfg: ClassifierConfig,
                      progress: bool = False) -> dict[str, Any]:
+    """Train in place (on the model's device)."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(1, cfg.train_steps))))
     model.train()
     for _ in tqdm(range(cfg.train_steps), desc="classifier", disable=not progress, leave=False, mininterval=2.0):
         idx = torch.randint(images.shape[0], (cfg.batch_size,), generator=g)
-        loss = nn.functional.cross_entropy(model(_shift(images[idx], cfg.max_shift, g)), labels[idx])
+        x = _shift(images[idx], cfg.max_shift, g).to(model.device)
+        loss = nn.functional.cross_entropy(model(x), labels[idx].to(model.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -105,13 +114,14 @@ def train_classifier(model: DigitClassifier, images: Tensor, labels: Tensor, cfg
 
 def load_classifier(cfg: ClassifierConfig, train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor,
                     num_classes: int, key: dict[str, Any], cache_dir=None, use_cache: bool = True,
-                    progress: bool = False) -> tuple[DigitClassifier, dict[str, Any]]:
-    """The cached classifier; raises if its held-out accuracy is below ``cfg.min_accuracy``."""
+                    progress: bool = False, device: str = "cpu") -> tuple[DigitClassifier, dict[str, Any]]:
+    """The cached classifier (trained and kept on ``device``); raises if its held-out accuracy is below
+    ``cfg.min_accuracy``."""
     if num_classes < 2:
         raise ValueError("the feature classifier needs labelled data with at least 2 classes")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = DigitClassifier(train.shape[1], num_classes, cfg)
+        model = DigitClassifier(train.shape[1], num_classes, cfg).to(device)
     config = {"what": "classifier", "version": VERSION, "classifier": cfg.model_dump(mode="json"), "num_classes": num_classes,
               "shape": list(train.shape[1:]), **key}
     model, info = cached_module("classifier", config, model,

@@ -106,7 +106,7 @@ def _train_dsm(net: ConvUNet, cfg: LearnedTeacherConfig, images: Tensor, labels:
         x0 = images[idx].to(device)
         lab = None
         if num_classes:
-            lab = labels[idx].clone()
+            lab = labels[idx].cpu().clone()
             lab[torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout] = num_classes
             lab = lab.to(device)
         t = torch.randint(t_lo, t_hi + 1, (cfg.batch_size,), generator=g).double().to(device)
@@ -165,13 +165,14 @@ def score_error_per_t(teacher: Denoiser, exact: EmpiricalDenoiser, images: Tenso
     g = torch.Generator().manual_seed(seed)
     per_t = []
     sch = exact.schedule
+    dev = next((p.device for p in teacher.parameters()), torch.device("cpu"))
     for t in t_values:
-        x0 = images[torch.randint(images.shape[0], (n,), generator=g)].double()
+        x0 = images[torch.randint(images.shape[0], (n,), generator=g)].double().cpu()
         eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
         tt = torch.full((n,), float(t), dtype=torch.float64)
         a, s = float(sch.alpha(tt[0])), float(sch.sigma(tt[0]))
         x = a * x0 + s * eps
-        e_t = teacher(x.float(), tt.float()).eps.double()
+        e_t = teacher(x.float().to(dev), tt.float().to(dev)).eps.double().cpu()
         e_x = exact(x, tt).eps
         per_t.append(float(((e_t - e_x) ** 2).mean()))
     return {"t": [float(t) for t in t_values], "per_t": per_t, "mean": sum(per_t) / len(per_t)}

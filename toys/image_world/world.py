@@ -73,16 +73,17 @@ class World:
 
 def build_world(data_cfg: DataConfig, spaces: list[str], grid_size: int, classifier_cfg: ClassifierConfig,
                 autoencoder_cfg: AutoencoderConfig, conditional: bool = False, cache_dir=None, use_cache: bool = True,
-                progress: bool = False) -> World:
+                progress: bool = False, device: str = "cpu") -> World:
     """Data, classifier (cached, >= min_accuracy held out), autoencoder (cached, when ``latent`` is
     used), SDXL's schedule in the paper's indexing (``timestep_offset=1``: t_0 = 0 is clean data) and
-    the LCM skip grid with ``grid_size`` intervals."""
+    the LCM skip grid with ``grid_size`` intervals. The classifier and autoencoder train and run on
+    ``device``; their outputs come back to the CPU, where the data and the metrics live."""
     data = load_images(data_cfg)
     key = {"data": data.fingerprint}
     info: dict[str, Any] = {"data": {"train": data.train.shape[0], "test": data.test.shape[0], "shape": list(data.shape),
                                      "num_classes": data.num_classes, "fingerprint": data.fingerprint}}
     clf, info["classifier"] = load_classifier(classifier_cfg, data.train, data.train_labels, data.test, data.test_labels,
-                                              data.num_classes, key, cache_dir, use_cache, progress)
+                                              data.num_classes, key, cache_dir, use_cache, progress, device)
     schedule = sdxl_schedule(timestep_offset=1)
     grid = skip(schedule, grid_size)
     labels = data.train_labels
@@ -94,7 +95,7 @@ def build_world(data_cfg: DataConfig, spaces: list[str], grid_size: int, classif
             out[name] = Space(name, x, labels, float(x.std()), EmpiricalDenoiser(x, schedule, labels, num_classes),
                               {**key, "space": "pixel"})
         elif name == "latent":
-            ae, ae_info = load_autoencoder(autoencoder_cfg, data.train, key, cache_dir, use_cache, progress)
+            ae, ae_info = load_autoencoder(autoencoder_cfg, data.train, key, cache_dir, use_cache, progress, device)
             z = ae.encode_all(data.train)
             rec = ae.decode_all(ae.encode_all(data.test)).clamp(-1, 1)
             ae_info["test_recon_mse"] = float(((rec - data.test) ** 2).mean())
