@@ -431,7 +431,11 @@ def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) 
     teachers = {}
     for spec in cfg.teachers:
         ws = [worlds[(spec.label, s)] for s in cfg.seeds]
-        teachers[spec.label] = {"kind": spec.kind, **spec.options(), "score_error": float(np.mean([w.score_error for w in ws])),
+        opts = spec.options()
+        if spec.kind == "learned":  # one training seed per run seed (the teacher source), unless held
+            opts = {k: v for k, v in opts.items() if k != "seed"}
+            opts["training_seeds"] = [int(w.denoiser.config.get("seed", spec.seed)) for w in ws]
+        teachers[spec.label] = {"kind": spec.kind, **opts, "score_error": float(np.mean([w.score_error for w in ws])),
                                 "score_error_values": [w.score_error for w in ws],
                                 "pool_build_seconds": sum(p.build_seconds for w in ws for p in w.pools.values())}
     metrics = {

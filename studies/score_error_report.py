@@ -245,8 +245,11 @@ def _x_positions(regimes: Sequence[dict]) -> tuple[dict[float, float], float]:
 
 def plot_metrics(path, metrics: dict, cfg) -> list:
     """Each metric against the teacher's score error: one series per (teacher family, method, solver),
-    mean ± std over seeds; teacher families are never joined (marker = family); grey: the teacher's own
-    solver chains; bands: the finite-sample floor."""
+    mean ± std over seeds; teacher families are never joined (marker = family); series at one score
+    error are spread slightly along x (log scale) so none hides another; grey: the teacher's own solver
+    chains; bands: the finite-sample floor."""
+    import matplotlib.ticker
+
     regimes = [r for r in metrics["regimes"] if r["params"]["init"] == cfg.inits[0]]
     keys = [k for k in PLOT_KEYS if any(k in r["methods"].get("cd", {}) for r in regimes)]
     ncols = 4
@@ -255,39 +258,44 @@ def plot_metrics(path, metrics: dict, cfg) -> list:
     xpos, exact_x = _x_positions(regimes)
     families = list(dict.fromkeys(r["params"]["family"] for r in regimes))
     solvers = list(dict.fromkeys(r["params"]["solver"] for r in regimes))
+    series = [(m, s) for m in cfg.methods for s in solvers]
+    shift = {ms: 10 ** (0.025 * (i - (len(series) - 1) / 2)) for i, ms in enumerate(series)}
     for a, key in enumerate(keys):
         ax = axes[a // ncols, a % ncols]
         for fam in families:
-            for method in cfg.methods:
-                for solver in solvers:
-                    rows = sorted((r for r in regimes if r["params"]["family"] == fam and r["params"]["solver"] == solver
-                                   and key in r["methods"].get(method, {})), key=lambda r: r["params"]["score_error"])
-                    if not rows:
-                        continue
-                    x = [xpos[r["params"]["score_error"]] for r in rows]
-                    mu = [r["methods"][method][key]["mean"] for r in rows]
-                    sd = [r["methods"][method][key]["std"] for r in rows]
-                    ax.errorbar(x, mu, yerr=sd, ls=plotting.SOLVER_STYLES.get(solver.split("=")[0], "-"), lw=1,
-                                marker=FAMILY_MARKERS.get(fam, "o"), ms=4, capsize=2,
-                                color=plotting.METHOD_COLORS[method],
-                                label=f"{plotting.method_name(method)}, {plotting.solver_name(solver)}")
+            for method, solver in series:
+                rows = sorted((r for r in regimes if r["params"]["family"] == fam and r["params"]["solver"] == solver
+                               and key in r["methods"].get(method, {})), key=lambda r: r["params"]["score_error"])
+                if not rows:
+                    continue
+                x = [xpos[r["params"]["score_error"]] * shift[(method, solver)] for r in rows]
+                mu = [r["methods"][method][key]["mean"] for r in rows]
+                sd = [r["methods"][method][key]["std"] for r in rows]
+                ax.errorbar(x, mu, yerr=sd, ls=plotting.SOLVER_STYLES.get(solver.split("=")[0], "-"), lw=1,
+                            marker=FAMILY_MARKERS.get(fam, "o"), ms=4, capsize=2,
+                            color=plotting.METHOD_COLORS[method],
+                            label=f"{plotting.method_name(method)}, {plotting.solver_name(solver)}")
         for fam in families:
             ax.plot([], [], FAMILY_MARKERS.get(fam, "o"), color="k", ms=4, ls="none", label=f"teacher family: {fam}")
         for ref in metrics["references"]:
             if ref["method"].startswith("chain:") and key in ref and key != "E_solver" and ref["score_error"] in xpos:
-                ax.scatter([xpos[ref["score_error"]]], [ref[key]["mean"]], marker="_", s=60, color="0.5",
+                ax.scatter([xpos[ref["score_error"]]], [ref[key]["mean"]], marker="_", s=80, color="0.4", zorder=3,
                            label="teacher's own solver chain")
         fl = metrics["floor"].get(key) or (metrics["floor_teacher"].get(cfg.teachers[0].label, {}).get(key)
                                            if key.endswith("_teacher") else None)
         if isinstance(fl, dict) and "values" in fl:
             plotting.floor_band(ax, fl)
+        if key.startswith("E_"):
+            ax.set_yscale("log")
+            plotting.tidy_log_axes(ax)
+        elif key.startswith("mmd2"):
+            ax.set_yscale("symlog", linthresh=1e-4)
         ax.set_xscale("log")
         ticks = sorted(set(xpos.values()))
         ax.set_xticks(ticks, ["exact" if t == exact_x else common.fmt(t, 2) for t in ticks], fontsize=6)
-        ax.xaxis.set_minor_locator(__import__("matplotlib").ticker.NullLocator())
-        if key.startswith(("E_", "w2", "mmd2")):
-            ax.set_yscale("symlog", linthresh=1e-4) if key.startswith("mmd2") else ax.set_yscale("log")
-            plotting.tidy_log_axes(ax) if not key.startswith("mmd2") else None
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        lo, hi = min(ticks), max(ticks)
+        ax.set_xlim(lo / 10 ** 0.15, hi * 10 ** 0.15)
         plotting.label_axes(ax, key)
         ax.set_xlabel(plotting.label("score_error"), fontsize=6)
         ax.tick_params(labelsize=6)
