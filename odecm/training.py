@@ -194,6 +194,8 @@ class Trainer:
         self._consecutive_overflows = 0
         self._pending_step: int | None = None
         self._published_step: int | None = None
+        # the optimizer's settings as built from this run's config (everything but the parameters)
+        self._fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
     # --- processes -------------------------------------------------------------------------
     @property
@@ -311,6 +313,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._apply_fresh_hyperparameters()
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], self.generator)
@@ -320,6 +323,29 @@ class Trainer:
         if self.is_main and self.log_path.exists():  # drop log lines past the restored step
             keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
             self.log_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _apply_fresh_hyperparameters(self) -> None:
+        """After loading: the optimizer settings of *this* config win over the checkpoint's (its
+        optimizer and lr-scheduler states carry the old ones). ``resume`` has refused every change
+        the policy forbids, so this only makes an allowed change (``--allow-change distill.optim.lr``)
+        take effect. The scheduled lr is recomputed from the new base lr at the restored step."""
+        import warnings
+
+        groups = self.optimizer.param_groups
+        for group, fresh in zip(groups, self._fresh_groups):
+            group.update({k: v for k, v in fresh.items() if k != "lr"})
+        sched = self.lr_scheduler
+        if sched is not None and hasattr(sched, "base_lrs"):
+            sched.base_lrs = [fresh.get("initial_lr", fresh["lr"]) for fresh in self._fresh_groups]
+            with warnings.catch_warnings():  # get_lr() outside step() only warns; it is the closed form here
+                warnings.simplefilter("ignore")
+                lrs = [float(v) for v in sched.get_lr()]
+            for group, lr in zip(groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
+        else:
+            for group, fresh in zip(groups, self._fresh_groups):
+                group["lr"] = fresh["lr"]
 
     def resume(self, spec: str | Path | None) -> bool:
         """``spec`` = ``"latest"`` (this run's newest published checkpoint; an error if there is none)

@@ -60,27 +60,6 @@ class SDXLTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.run_ref, self.validator = run, validator
 
-    def load_checkpoint(self, path) -> None:
-        """Load, then apply this config's optimizer hyperparameters: the checkpoint's optimizer and lr
-        scheduler states carry the old ones, and an allowed change (``--allow-change distill.optim.lr``)
-        must take effect, not only be written into config.json."""
-        super().load_checkpoint(path)
-        o = self.run_ref.cfg.distill.optim
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
-            if "betas" in group:
-                group["betas"] = tuple(o.betas)
-        sched = self.lr_scheduler
-        if sched is not None and hasattr(sched, "lr_lambdas"):
-            sched.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-            lrs = [o.lr * fn(sched.last_epoch) for fn in sched.lr_lambdas]
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group["lr"] = lr
-            sched._last_lr = lrs
-        else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = o.lr
-
     def train_step(self) -> dict[str, Any]:
         record = super().train_step()
         acc, stats = self.run_ref.accelerator, self.run_ref.source.stats

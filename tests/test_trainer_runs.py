@@ -23,12 +23,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _trainer(out, train_steps=4, checkpoint_every=1, keep=2, nan_steps=(), lr_boost_from=None, run_config=None,
-             policy=None, allow_change=(), max_nonfinite=10, seed=0):
+             policy=None, allow_change=(), max_nonfinite=10, seed=0, lr=1e-2):
     """A 3-layer linear float32 regression; ``lr_boost_from=k`` multiplies the lr by 1e8 (to 1e6)
     from the k-th optimizer step on; ``nan_steps`` make the loss NaN at those step indices."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     boost = (lambda s: 1e8 if s >= lr_boost_from else 1.0) if lr_boost_from is not None else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, boost)
 
@@ -277,3 +277,17 @@ def test_missing_bitsandbytes_names_the_key_and_the_install_command(monkeypatch)
         make_optimizer([nn.Parameter(torch.zeros(1))], "adamw8bit", key="train.optim.name")
     with pytest.raises(ConfigError, match=r"distill.optim.name='lion' is not allowed; allowed values: \['adam'"):
         make_optimizer([nn.Parameter(torch.zeros(1))], "lion")
+
+
+def test_an_allowed_lr_change_on_resume_takes_effect(tmp_path):
+    """The checkpoint's optimizer / scheduler states carry the old lr; the config's must win."""
+    policy = ResumePolicy(refuse=("optim.lr",))
+    first = _trainer(tmp_path, train_steps=2, run_config={"optim": {"lr": 1e-2}}, policy=policy)
+    first.run()
+    with pytest.raises(ConfigChangeError, match="optim.lr"):
+        _trainer(tmp_path, train_steps=4, run_config={"optim": {"lr": 3e-2}}, policy=policy).run(resume="latest")
+    again = _trainer(tmp_path, train_steps=4, run_config={"optim": {"lr": 3e-2}}, policy=policy,
+                     allow_change=("optim.lr",), lr=3e-2)
+    again.run(resume="latest")
+    assert [h["lr"] for h in again.history] == [3e-2, 3e-2]
+    assert again.lr_scheduler.base_lrs == [3e-2] and again.lr_scheduler.get_last_lr() == [3e-2]
