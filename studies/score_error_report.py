@@ -82,7 +82,7 @@ def build_regimes(cfg, runs: Sequence[dict], per_sample: dict, converged: dict) 
 def reference_rows(cfg, worlds: dict, W) -> list[dict]:
     """Per teacher: its solver chains (``chain:<solver>``) and exact ODE (``teacher_ode``), and the true
     ODE, each scored like a student (``stat`` over seeds)."""
-    from .score_error import TEACHER_QUALITY_KEYS, errors, quality
+    from .score_error_world import TEACHER_QUALITY_KEYS, errors, quality
 
     ev = cfg.eval
     out = []
@@ -113,7 +113,7 @@ def reference_rows(cfg, worlds: dict, W) -> list[dict]:
 
 def floors(cfg, W, worlds: dict) -> tuple[dict, dict]:
     """``(floor_p0, floor_teacher)``: metric floors as distributions (``eval.floor_draws`` draws)."""
-    from .score_error import QUALITY_KEYS, TEACHER_QUALITY_KEYS
+    from .score_error_world import QUALITY_KEYS, TEACHER_QUALITY_KEYS
 
     ev = cfg.eval
     if not ev.floor:

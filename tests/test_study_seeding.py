@@ -34,14 +34,15 @@ def test_held_sources_are_fixed_and_the_rest_still_vary():
 
 
 def _score_world(tmp_path, monkeypatch, hold):
-    from studies.score_error import ScoreErrorConfig, _World
+    from studies.score_error import ScoreErrorConfig
+    from studies.score_error_world import World
 
     monkeypatch.setenv("ODECM_CACHE_DIR", str(tmp_path))
     cfg = ScoreErrorConfig.model_validate({
         "teachers": [{"label": "learned(3)", "kind": "learned", "budget": 3}], "solvers": ["ddim"], "seeds": [0, 1],
         "train": {"pool_size": 64}, "eval": {"num_samples": 20, "score_error_samples": 16},
         "seeding": {"hold_fixed": hold}})
-    return cfg, _World(cfg, progress=False)
+    return cfg, World(cfg)
 
 
 @pytest.mark.parametrize("hold", [[], ["pool", "eval_noise", "reference", "teacher"]])
