@@ -50,8 +50,8 @@ from toys.networks import NetworkConfig
 from . import common, evidence
 from .cells import log
 from .curves import CurveConfig, CurveRecorder, check_curve_budget
-from .score_error_world import (PRIMARY, QUALITY_KEYS, SECONDARY, TEACHER_QUALITY_KEYS, World,  # noqa: F401
-                                curve_eval, member_row)
+from .score_error_world import (PRIMARY, QUALITY_KEYS, SECONDARY, TEACHER_QUALITY_KEYS, SeedData,  # noqa: F401
+                                TeacherWorld, World, curve_eval, errors, member_row, quality, teacher_ode)
 from .seeding import SeedConfig
 
 Tensor = torch.Tensor
