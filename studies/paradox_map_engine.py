@@ -246,7 +246,7 @@ class Worlds:
         """The teacher's exact-ODE samples from independent noise. A teacher that is an exact mixture
         denoiser (exact, wrong_gmm) pushes its own p_T exactly onto its mixture, so its samples are drawn
         from that mixture directly; other teachers are integrated (dopri5, float64) from ``x ~ p_T``."""
-        from .score_error import teacher_ode
+        from .score_error_world import teacher_ode
 
         den, n = self.teacher(world, seed), self.cfg.eval.num_samples
         if type(den).__name__ == "ExactGMMDenoiser":

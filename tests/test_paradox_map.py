@@ -203,3 +203,29 @@ def test_bad_configs_are_refused_before_anything_is_written(tmp_path, override, 
     with pytest.raises(ConfigError, match=message):
         paradox_map.main(["--out", str(tmp_path / "x"), "--set", override] + _sets(extra))
     assert not (tmp_path / "x").exists()
+
+
+def test_teacher_samples_exact_mixture_draws_and_ode_teachers_integrate():
+    """Exact-mixture teachers (wrong_gmm) are sampled from their mixture; a nonconservative teacher is
+    integrated through its own PF-ODE: at delta = 0 it is the exact denoiser, so its samples match the
+    exact ODE solution of the same noise."""
+    cfg = ParadoxMapConfig(teacher={"kind": "nonconservative"}, cols={"name": "score_error", "values": [0.0]},
+                           rows={"name": "width", "values": [8]}, eval={"num_samples": 40}, seeds=[0])
+    plan = engine.plan_map(cfg)
+    W = engine.Worlds(cfg, plan)
+    world = plan.cells[0].world
+    g = torch.Generator().manual_seed(3)
+    got = W._teacher_samples(world, 0, g)
+    x = W.gmm(world).sample_pt(40, W.t_T, W.schedule, generator=torch.Generator().manual_seed(3),
+                               dtype=torch.float64)[0]
+    want = W.gmm(world).exact_ode_solution(x, W.t_T, W.t_0, W.schedule, rtol=1e-8, atol=1e-10)
+    # teacher_ode (studies.score_error_world) integrates a non-mixture teacher to the schedule's smallest
+    # noise level and finishes with one DDIM step to the clean point: a ~1e-2 discrepancy at most
+    diff = (got - want).abs()
+    assert float(diff.max()) < 3e-2 and float(diff.mean()) < 5e-3, (float(diff.max()), float(diff.mean()))
+    assert float((got - x).abs().mean()) > 0.3  # it did move the noise onto the data
+    cfg_w = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"kind": "wrong_gmm"})})
+    Ww = engine.Worlds(cfg_w, engine.plan_map(cfg_w))
+    draws = Ww._teacher_samples(world, 0, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(draws, Ww.teacher(world, 0).gmm.sample_p0(40, torch.Generator().manual_seed(3),
+                                                                         dtype=torch.float64)[0])
