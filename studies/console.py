@@ -13,6 +13,8 @@ from odecm.cli import run_main
 #: console script name -> the module whose ``main(argv)`` it runs
 SCRIPTS = {
     "odecm-score-error": "studies.score_error",
+    "odecm-paradox-map": "studies.paradox_map",
+    "odecm-image-world": "studies.image_world",
     "odecm-report": "studies.report",
     "odecm-sdxl-train": "sdxl.train",
     "odecm-sdxl-precompute-targets": "sdxl.precompute_targets",
@@ -29,6 +31,14 @@ def _run(module: str) -> None:
 
 def score_error() -> None:
     _run("studies.score_error")
+
+
+def paradox_map() -> None:
+    _run("studies.paradox_map")
+
+
+def image_world() -> None:
+    _run("studies.image_world")
 
 
 def report() -> None:
