@@ -120,15 +120,19 @@ def plot_curves(curves: Sequence[Mapping], path, keys: Sequence[str], quick: boo
     cells = list(curves)[:max_rows]
     if not cells:
         return []
-    fig, axes = plotting.new_figure(len(cells), len(keys), size=(3.2, 2.6))
+    fig, axes = plotting.new_figure(len(cells), len(keys), size=(3.4, 2.6))
     for i, c in enumerate(cells):
         for j, key in enumerate(keys):
             ax = axes[i, j]
+            drawn = False
             for m, vals in c["methods"].items():
                 if key not in vals:
                     continue
                 steps = c["steps"][:len(vals[key]["mean"])]
                 mu, sd = np.asarray(vals[key]["mean"], float), np.asarray(vals[key]["std"], float)
+                if not np.isfinite(mu).any():  # e.g. the mechanism of an exact teacher: not defined
+                    continue
+                drawn = True
                 color = plotting.METHOD_COLORS.get(m, "k")
                 ax.plot(steps, mu, color=color, lw=1.2, label=plotting.method_name(m))
                 ax.fill_between(steps, mu - sd, mu + sd, color=color, alpha=0.15, lw=0)
@@ -136,6 +140,13 @@ def plot_curves(curves: Sequence[Mapping], path, keys: Sequence[str], quick: boo
                 done = [bool(f) and all(f) for f in flags] + [False] * (len(steps) - len(flags))
                 ax.scatter(steps, mu, s=14, color=color, zorder=3,
                            facecolors=[color if d else "none" for d in done])
+            if not drawn:
+                ax.text(0.5, 0.5, "not defined here", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(plotting.short_label(key), fontsize=8)
+                continue
             if floor and key in floor:
                 plotting.floor_band(ax, floor[key])
             ax.set_xscale("log")
@@ -145,7 +156,11 @@ def plot_curves(curves: Sequence[Mapping], path, keys: Sequence[str], quick: boo
             ax.set_xlabel(plotting.label("train_steps"), fontsize=7)
             ax.set_ylabel(plotting.unit(key), fontsize=6)
             ax.tick_params(labelsize=6)
-            ax.set_title(f"{c['label']}: {plotting.short_label(key)}", fontsize=7)
+            if i == 0:
+                ax.set_title(plotting.short_label(key), fontsize=8)
+            if j == 0:
+                ax.annotate(c["label"], xy=(-0.32, 0.5), xycoords="axes fraction", rotation=90, ha="center",
+                            va="center", fontsize=7)
     axes[0, 0].scatter([], [], s=14, facecolors="none", edgecolors="k", label="not every seed converged")
     axes[0, 0].plot([], [], "o", ms=4, color="k", label="every seed converged")
     plotting.legend_outside(fig, axes)
