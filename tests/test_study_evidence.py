@@ -99,3 +99,15 @@ def test_save_writes_png_and_pdf(tmp_path):
     assert "line" in labels and any("floor" in lab for lab in labels)
     out = plotting.save(fig, tmp_path / "fig.png")
     assert [p.suffix for p in out] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in out)
+
+
+def test_curve_plot_handles_metrics_not_defined_for_a_cell(tmp_path):
+    """A curve whose metric is NaN throughout (the mechanism of an exact teacher) gets a note, not a crash."""
+    from studies.curves import plot_curves
+
+    rec = CurveRecorder("exact", {}, [2, 4])
+    nan = float("nan")
+    for step, e in ((2, [1.0, 0.8]), (4, [0.5, 0.4])):
+        rec.record(step, "cd", {"E": e, "mech_correlation": [nan, nan]})
+    out = plot_curves([rec.to_dict()], tmp_path / "curves.png", ["E", "mech_correlation"], quick=True, title="t")
+    assert [p.suffix for p in out] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in out)
