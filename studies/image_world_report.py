@@ -231,12 +231,18 @@ def plot_shrinkage(path: Path, cfg, spectra: dict[str, torch.Tensor], cov: dict[
             for label, v in data.items():
                 if not (label.startswith(f"{sp}/") or label.startswith("data")):
                     continue
-                parts = label.split("/")
-                color = "k" if label.startswith("data") else ("0.45" if "teacher" in parts else METHOD_COLORS.get(parts[-1], "c"))
-                style = "-" if len(parts) < 5 else CELL_STYLES.get((parts[1], parts[2]), "-")
+                parts = label.split("/")  # space/teacher/student/solver/method, space/teacher/"teacher"/solver, data
+                if label.startswith("data"):
+                    color, style = "k", "-"
+                elif parts[2] == "teacher":
+                    color, style = "0.5", "-" if parts[1] == "exact" else "--"
+                else:
+                    color, style = METHOD_COLORS.get(parts[-1], "c"), CELL_STYLES.get((parts[1], parts[2]), "-")
                 x = range(len(v)) if j == 0 else range(1, len(v) + 1)
                 ax.plot(list(x), v.tolist(), linestyle=style, color=color, lw=1.2, label=label.replace(f"{sp}/", ""))
             ax.set_yscale("log")
+            if j == 1:
+                ax.set_ylim(bottom=1e-6)  # digits have constant (zero-variance) border pixels
             ax.set_xlabel("radial frequency (cycles per image)" if j == 0 else "eigenvalue rank", fontsize=7)
             ax.set_ylabel(name, fontsize=7)
             ax.set_title(f"{sp} space samples (decoded), mean over seeds", fontsize=8)

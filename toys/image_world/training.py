@@ -44,18 +44,18 @@ __all__ = ["TrainConfig", "TargetPool", "build_pool", "TrainHistory", "train_stu
 class TrainConfig(StrictModel):
     """How every student ensemble is distilled (method set per run)."""
 
-    train_steps: int = Field(1000, ge=1)
+    train_steps: int = Field(600, ge=1)
     batch_size: int = Field(16, ge=1, description="per member (the paper: 16)")
     lr: float = Field(1e-3, gt=0, description="scratch / mlp students")
     lora_lr: float = Field(1e-3, gt=0, description="lora students (adapters only)")
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float | None = Field(1.0, gt=0, description="per-member gradient norm clip; null = off")
     ema_rate: float = Field(0.0, ge=0, lt=1, description="CD target EMA rate; 0 = online student under stop-gradient")
     distance: Literal["l2", "l1", "pseudo_huber"] = "l2"
     weighting: Literal["uniform", "snr", "karras"] = "uniform"
-    pool_size: int = Field(8192, ge=16, description="training pairs per (teacher, solver, seed)")
+    pool_size: int = Field(4096, ge=16, description="training pairs per (teacher, solver, seed)")
     log_every: int = Field(25, ge=1)
 
 
