@@ -265,11 +265,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def _isolate_caches(work: Path) -> None:
-    """Keep odecm's digest and model caches inside the working folder (nothing written to ~/.cache)."""
+    """Keep odecm's cache folder (``odecm.runs.cache_root()``: file digests, the tiny model) inside the
+    working folder (nothing written to ~/.cache)."""
     import os
 
-    os.environ["ODECM_DIGEST_CACHE"] = str(work / "cache" / "file_digests.json")
-    os.environ["ODECM_CACHE"] = str(work / "cache" / "odecm")
+    os.environ["ODECM_CACHE_DIR"] = str(work / "cache" / "odecm")
 
 
 if __name__ == "__main__":

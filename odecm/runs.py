@@ -24,10 +24,15 @@ matching dotted-key prefix of a ``ResumePolicy``:
 Every refused difference is listed in one ``ConfigChangeError``; otherwise the notes are returned
 for the caller to log. A backend defines its own policy (e.g. SDXL refuses changes of the method,
 solver, grid, seed, model, student, data and optimizer, and notes larger ``train_steps``).
+
+odecm's cache folder (``cache_root()``), the one place every cached artefact lives under (the tiny SDXL
+model, content digests of weight files, learned toy teachers, the image world's models):
+``$ODECM_CACHE_DIR``, else ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ __all__ = [
     "ResumePolicy",
     "check_resume_config",
     "grows",
+    "cache_root",
 ]
 
 
@@ -72,6 +78,14 @@ MISSING = _Missing()
 def new_run_id() -> str:
     """A fresh run identifier (32 hex digits), kept by every checkpoint and resume of the run."""
     return uuid.uuid4().hex
+
+
+def cache_root() -> Path:
+    """odecm's cache folder: ``$ODECM_CACHE_DIR``, else ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``
+    (read at each call, so a test or a launcher may point it elsewhere; nothing is created here)."""
+    if os.environ.get("ODECM_CACHE_DIR"):
+        return Path(os.environ["ODECM_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "odecm"
 
 
 # ---------------------------------------------------------------------------------- run folders

@@ -1,15 +1,26 @@
-"""Checks at the door for ``sdxl.train`` and ``sdxl.precompute_targets``: every config problem is found
-before any model loads and before any folder is made.
+"""Checks at the door: every config problem is found before any model loads and before any folder is made.
 
-``check_config(cfg, world_size, command)`` raises one ``odecm.cli.InputError`` listing every problem,
-one line each, naming the key, the value and what is allowed (``odecm.cli.run_main`` prints them as
-``error: ...`` lines without a traceback). What it checks (beyond the pydantic config's own types and
-ranges):
+Shared checks of a model source, a VAE's downsampling factor and a device (one implementation for
+``sdxl.train``, ``sdxl.precompute_targets``, ``sdxl.reference``, ``sdxl.sample`` and ``sdxl.latent_cache``):
+
+* ``model_source_problem`` / ``check_model_source``: ``"tiny"``, an existing folder in diffusers layout
+  (a pipeline folder holds ``model_index.json``, a VAE folder ``config.json``), or a hub id ``org/name``;
+  with ``HF_HUB_OFFLINE`` set, a hub id must be in the local Hugging Face cache;
+* ``vae_factor_problem``: the image resolution is a multiple of the VAE's downsampling factor
+  ``2^(len(block_out_channels) - 1)``, read from the VAE's ``config.json`` without loading it (skipped
+  when the config cannot be read here, e.g. an uncached hub id online);
+* ``device_problem`` / ``check_device``: a torch device string whose device exists here.
+
+``check_config(cfg, world_size, command)`` (``sdxl.train`` and ``sdxl.precompute_targets``) raises one
+``odecm.cli.InputError`` listing every problem, one line each, naming the key, the value and what is
+allowed (``odecm.cli.run_main`` prints them as ``error: ...`` lines without a traceback). What it checks
+(beyond the pydantic config's own types and ranges):
 
 * packages a config names: bitsandbytes for ``distill.optim.name=adamw8bit``, xformers for
   ``speed.attention=xformers``, tensorboard / wandb for ``log_with``;
 * ``distill.batch_size`` divisible by the number of processes (it is the global batch);
-* ``model.pretrained`` / ``model.vae``: an existing folder in diffusers layout, or a hub id;
+* ``model.pretrained`` / ``model.vae`` (``model_source_problem``), and ``data.resolution`` against the
+  VAE's factor when images are encoded;
 * the grid, on the model's own scheduler config (a small JSON file, not the weights): ``distill.grid_size``
   divides the training timesteps and ``t_0 < t_1 < ... < t_N`` (the skip grid with N = 1000 and
   diffusers indexing gives ``t_0 = t_1 = 0``); ``validation.steps`` k <= N;
@@ -23,39 +34,151 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from odecm.cli import InputError
 from odecm.config import ConfigError
-from odecm.optim import check_optimizer
 
-from .train_config import SDXLTrainConfig
+if TYPE_CHECKING:
+    from .train_config import SDXLTrainConfig
 
-__all__ = ["check_config", "scheduler_config_of", "HUB_ID"]
+__all__ = ["check_config", "scheduler_config_of", "HUB_ID", "model_source_problem", "check_model_source",
+           "vae_config_of", "vae_factor", "vae_factor_problem", "device_problem", "check_device"]
 
 #: ``org/name`` of a Hugging Face hub repository
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+_MODEL_ALLOWED = "allowed: 'tiny', a folder in diffusers layout or a hub id org/name"
 
 
 def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _model_source(key: str, value: str, marker: str) -> str | None:
-    """A problem with a model folder / hub id, or None. ``marker``: a file the folder must hold."""
+# ------------------------------------------------------------------------------------------ model sources
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("model_index.json", "config.json"))
+    except Exception:  # not a valid repo id
+        return False
+
+
+def model_source_problem(key: str, value: str | None, marker: str | None = None) -> str | None:
+    """What is wrong with a model source, or None. ``value``: None (not used), ``"tiny"``, a folder holding
+    ``marker`` (default: ``config.json`` for a key ending in ``vae``, else ``model_index.json``), or a hub
+    id ``org/name`` (offline: one in the local Hugging Face cache)."""
+    if value is None or value == "tiny":
+        return None
+    marker = marker or ("config.json" if key.endswith("vae") else "model_index.json")
     p = Path(value).expanduser()
     if p.exists():
         if not p.is_dir():
-            return f"{key}={value!r} is a file; allowed: a folder in diffusers layout or a hub id (org/name)"
+            return f"{key}={value}: is a file; {_MODEL_ALLOWED}"
         if not (p / marker).exists():
-            return f"{key}={value!r} holds no {marker}; allowed: a folder in diffusers layout or a hub id (org/name)"
+            return f"{key}={value}: holds no {marker}; {_MODEL_ALLOWED}"
         return None
-    if HUB_ID.match(value) and not value.startswith((".", "/", "~")):
-        return None
-    return f"{key}={value!r}: no such folder, and not a hub id; allowed: a folder in diffusers layout or org/name"
+    first = value.split("/")[0]
+    if not HUB_ID.match(value) or Path(first).expanduser().is_dir():
+        return f"{key}={value}: no such folder, and not a hub id; {_MODEL_ALLOWED}"
+    if _hub_offline() and not _hub_cached(value):
+        return (f"{key}={value}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; allowed: a cached "
+                f"hub id or a local folder (run `huggingface-cli download {value}` online)")
+    return None
 
 
+def check_model_source(key: str, value: str | None, marker: str | None = None) -> None:
+    """``model_source_problem`` as an ``InputError`` naming ``key``."""
+    problem = model_source_problem(key, value, marker)
+    if problem:
+        raise InputError(problem)
+
+
+def vae_config_of(pretrained: str, vae: str | None = None) -> dict | None:
+    """The VAE's ``config.json`` without loading it: the tiny model's, a local folder's, or the local hub
+    cache's (``vae`` folder or hub id, else ``<pretrained>/vae``); None when it cannot be read here."""
+    if vae is None and pretrained == "tiny":
+        from .tiny import TINY_VAE_BLOCKS
+
+        return {"block_out_channels": list(TINY_VAE_BLOCKS)}
+    source, sub = (vae, "config.json") if vae else (pretrained, "vae/config.json")
+    path = Path(source).expanduser() / sub
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, sub)
+        except Exception:  # not a repo id
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def vae_factor(pretrained: str, vae: str | None = None) -> int | None:
+    """The VAE's downsampling factor ``2^(len(block_out_channels) - 1)`` (SDXL: 8), or None when unknown."""
+    config = vae_config_of(pretrained, vae)
+    blocks = config.get("block_out_channels") if isinstance(config, dict) else None
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+
+
+def vae_factor_problem(key: str, resolution: int, pretrained: str, vae: str | None = None) -> str | None:
+    """``resolution`` must be a multiple of the VAE's downsampling factor (when it can be read here)."""
+    factor = vae_factor(pretrained, vae)
+    if factor is None or resolution % factor == 0:
+        return None
+    return (f"{key}={resolution}: must be a multiple of the VAE's downsampling factor {factor}; allowed e.g. "
+            f"{resolution - resolution % factor or factor}")
+
+
+# ------------------------------------------------------------------------------------------ devices
+_DEVICE_ALLOWED = "allowed: 'cpu', 'cuda', 'cuda:<index>' or 'mps', of a device this machine has"
+
+
+def device_problem(key: str, value: str | None) -> str | None:
+    """What is wrong with a torch device string (None: the default device), or None."""
+    import torch
+
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{key}={value}: not a torch device; {_DEVICE_ALLOWED}"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"{key}={value}: this machine has no CUDA device; allowed: 'cpu'"
+        if device.index is not None and device.index >= count:
+            return f"{key}={value}: this machine has {count} CUDA device(s); allowed: 'cuda:0' .. 'cuda:{count - 1}'"
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else f"{key}={value}: MPS is not available here; allowed: 'cpu'"
+    return f"{key}={value}: device type {device.type!r} is not supported; {_DEVICE_ALLOWED}"
+
+
+def check_device(key: str, value: str | None) -> None:
+    """``device_problem`` as an ``InputError`` naming ``key``."""
+    problem = device_problem(key, value)
+    if problem:
+        raise InputError(problem)
+
+
+# ------------------------------------------------------------------------------------------ sdxl.train
 def scheduler_config_of(pretrained: str) -> dict | None:
     """The model's scheduler config (a small JSON file): the tiny model's, a local folder's, or the hub's
     (read from the local cache or fetched alone); None when it cannot be read here."""
@@ -187,6 +310,8 @@ def check_config(cfg: SDXLTrainConfig, world_size: int = 1, command: str = "trai
             problems.append("data.source='targets' is what precompute_targets writes; allowed: 'images', "
                             "'latent_cache', 'synthetic'")
     else:
+        from odecm.optim import check_optimizer
+
         guard(lambda: check_optimizer(cfg.distill.optim.name, "distill.optim.name") or [])
     if cfg.distill.batch_size % world_size:
         problems.append(f"distill.batch_size={cfg.distill.batch_size} is not divisible by the {world_size} processes "
@@ -198,16 +323,17 @@ def check_config(cfg: SDXLTrainConfig, world_size: int = 1, command: str = "trai
         extra = " (or pip install 'odecm[track]')" if cfg.log_with == "tensorboard" else ""
         problems.append(f"log_with={cfg.log_with!r} needs the {cfg.log_with} package: pip install {cfg.log_with}{extra}; "
                         "allowed without it: 'none', 'auto'")
-    model_problem = None if cfg.model.pretrained == "tiny" else _model_source(
-        "model.pretrained", cfg.model.pretrained, "model_index.json")
+    model_problem = model_source_problem("model.pretrained", cfg.model.pretrained)
     if model_problem:
         problems.append(model_problem)
     else:
         guard(_grid_problems, cfg)
-    if cfg.model.vae is not None:
-        vae_problem = _model_source("model.vae", cfg.model.vae, "config.json")
-        if vae_problem:
-            problems.append(vae_problem)
+    vae_problem = model_source_problem("model.vae", cfg.model.vae)
+    if vae_problem:
+        problems.append(vae_problem)
+    if not (model_problem or vae_problem) and cfg.data.source in ("images", "synthetic"):
+        problems.extend(filter(None, [vae_factor_problem("data.resolution", cfg.data.resolution,
+                                                         cfg.model.pretrained, cfg.model.vae)]))
     if not (command == "precompute" and cfg.data.source == "targets"):
         guard(_data_problems, cfg, world_size)
     if problems:

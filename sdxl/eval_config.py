@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 
 from odecm.config import SolverName, StrictModel
 
+from .checks import check_model_source
 from .teacher import SDXL_BASE
 
 __all__ = ["EvalModelConfig", "SampleModelConfig", "ReferenceConfig", "SampleConfig", "MetricWeights", "EvaluateConfig",
@@ -166,7 +167,8 @@ class EvaluateConfig(StrictModel):
 
 def resolve_model(model, cache_dir: str | Path | None = None) -> str:
     """Hub id / folder as given; ``"tiny"`` -> the tiny random SDXL (seed 0) that training uses too, built once
-    into odecm's cache (``sdxl.tiny.cached_tiny_sdxl``; ``$ODECM_CACHE``, default ``~/.cache/odecm``)."""
+    into odecm's cache (``sdxl.tiny.cached_tiny_sdxl``; ``odecm.runs.cache_root()``: ``$ODECM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``)."""
     if model.pretrained != "tiny":
         return model.pretrained
     from .tiny import cached_tiny_sdxl
@@ -185,40 +187,12 @@ def cli_config(model_cls, argv=None, description: str = "", prog: str | None = N
 
 
 # ----------------------------------------------------------------------------------------- checks at the door
+# ``check_model_source`` (re-exported here) is ``sdxl.checks``'s: one check of model sources for every command.
 def input_error(message: str):
     """``odecm.cli.InputError`` (printed by ``run_main`` as one ``error: ...`` line, exit status 2)."""
     from odecm.cli import InputError
 
     return InputError(message)
-
-
-def _hub_offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _hub_cached(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("model_index.json", "config.json"))
-    except Exception:  # not a valid repo id
-        return False
-
-
-def check_model_source(key: str, value: str | None) -> None:
-    """``value`` must be ``"tiny"``, an existing folder, or a hub id ``org/name`` (offline: one in the local
-    Hugging Face cache). Raises ``InputError`` naming ``key``."""
-    if value is None or value == "tiny" or Path(value).exists():
-        return
-    parts = value.split("/")
-    looks_like_hub = len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and not Path(parts[0]).is_dir()
-    if not looks_like_hub:
-        raise input_error(f"{key}={value}: no such folder; allowed: 'tiny', a diffusers model folder or a hub id org/name")
-    if _hub_offline() and not _hub_cached(value):
-        raise input_error(f"{key}={value}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                          f"allowed: a cached hub id or a local folder (run `huggingface-cli download {value}` online)")
 
 
 def check_path(key: str, value: str | None, kind: Literal["file", "dir", "any"], allowed: str) -> None:

@@ -6,16 +6,23 @@ int64}`` and is written atomically after its PNGs ``images/<i>.png``: it marks t
 is done when a shard holds it (and, with decoding, its PNG exists); a caption held by two shards makes the
 folder corrupt. ``plan_shards`` lays the missing captions on the grid of the *current* ``shard_size``, so a
 resume with another shard size computes exactly the missing captions.
+
+Several processes may write one folder at once (two runs of the same command on one cache): every write
+goes to a temporary name of its own (``sdxl.atomic``) and is renamed into place, so no process can publish
+another's half-written file. A shard that cannot be read (truncated by an older writer, a disk error) is
+not done: ``done_indices`` warns and, with ``drop_incomplete``, deletes it, so its captions are computed
+again.
 """
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .atomic import atomic_path, remove_stale_temps, write_json_atomic
 from .eval_config import input_error, key_differences
 
 Tensor = torch.Tensor
@@ -33,23 +40,29 @@ def write_latent_shard(path: str | Path, latents: Tensor, indices: Sequence[int]
     """Atomically write ``{"latents", "indices"}`` (the shard's completion marker)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": latents.detach().float().cpu().contiguous(),
-               "indices": torch.as_tensor(list(indices), dtype=torch.int64)}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {"latents": latents.detach().float().cpu().contiguous(),
+               "indices": torch.as_tensor(list(indices), dtype=torch.int64)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def shard_files(folder: str | Path) -> list[Path]:
     return sorted((Path(folder) / "shards").glob("*.safetensors"))
 
 
-def _shard_indices(path: Path) -> list[int]:
+def _shard_indices(path: Path) -> list[int] | None:
+    """The caption indices a shard holds, or None (with a warning) when the file cannot be read."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as fh:
-        return fh.get_tensor("indices").tolist()
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return fh.get_tensor("indices").tolist()
+    except FileNotFoundError:  # deleted by another process meanwhile
+        return None
+    except Exception as err:  # noqa: BLE001 -- SafetensorError, OSError, a missing key: all mean "not done"
+        warnings.warn(f"{path}: unreadable latent shard ({type(err).__name__}: {str(err)[:120]}); "
+                      f"its captions count as not done and are computed again", stacklevel=3)
+        return None
 
 
 def image_path(folder: str | Path, i: int) -> Path:
@@ -59,14 +72,18 @@ def image_path(folder: str | Path, i: int) -> Path:
 def done_indices(folder: str | Path, decode: bool = True, drop_incomplete: bool = False) -> set[int]:
     """Caption indices with a finished latent (and, with ``decode``, its PNG) in ``folder/shards``.
 
-    A caption held by two shard files is an error (a corrupt cache). With ``drop_incomplete`` a shard
-    whose PNGs are not all present is deleted (its captions are then recomputed)."""
+    A caption held by two shard files is an error (a corrupt cache). An unreadable shard file is not done
+    (a warning). With ``drop_incomplete`` (one process only) a shard that is unreadable or whose PNGs are
+    not all present is deleted, and temporary files of dead writers are removed."""
     seen: dict[int, Path] = {}
+    if drop_incomplete:
+        for sub in ("shards", "images", "."):
+            remove_stale_temps(Path(folder) / sub)
     for f in shard_files(folder):
         idx = _shard_indices(f)
-        if decode and not all(image_path(folder, i).is_file() for i in idx):
+        if idx is None or (decode and not all(image_path(folder, i).is_file() for i in idx)):
             if drop_incomplete:
-                f.unlink()
+                f.unlink(missing_ok=True)
             continue
         for i in idx:
             if i in seen:
@@ -102,12 +119,13 @@ def plan_shards(n: int, shard_size: int, done: set[int]) -> list[list[int]]:
 
 def read_latents(folder: str | Path, n: int | None = None) -> tuple[Tensor, Tensor]:
     """All shards of ``folder/shards`` -> ``(indices, latents)`` sorted by caption index. A caption present
-    twice is an error; with ``n``, so is any caption of ``0..n-1`` that is missing."""
+    twice is an error; with ``n``, so is any caption of ``0..n-1`` that is missing (an unreadable shard is
+    skipped with a warning: its captions are missing)."""
     from safetensors.torch import load_file
 
-    files = shard_files(folder)
+    files = [f for f in shard_files(folder) if _shard_indices(f) is not None]
     if not files:
-        raise FileNotFoundError(f"no latent shards in {Path(folder) / 'shards'}")
+        raise FileNotFoundError(f"no readable latent shards in {Path(folder) / 'shards'}")
     parts = [load_file(str(f)) for f in files]
     idx = torch.cat([p["indices"] for p in parts])
     lat = torch.cat([p["latents"] for p in parts])
@@ -144,7 +162,5 @@ def folder_key_check(key_name: str, folder: Path, kind: str, key: dict) -> None:
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
-    """Atomically write ``manifest.json``."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    """Atomically write ``manifest.json`` (a temporary name of this process's own, then a rename)."""
+    write_json_atomic(path, manifest)

@@ -5,7 +5,8 @@
   through a PIL JPEG encode/decode first (the paper wrote its samples as ``.jpg``, PIL's default
   quality 75, before dgm-eval read them).
 * ``file_digest`` / ``weights_fingerprint``: BLAKE2b of file contents, remembered per
-  ``(path, size, mtime_ns)`` in an optional JSON file so multi-GB weights are hashed once.
+  ``(path, size, mtime_ns)`` in the JSON file ``<odecm cache>/file_digests.json`` so multi-GB weights are
+  hashed once.
 * ``extract_features``: features of an image set, cached in ``<cache_dir>/<extractor>-<hash>.safetensors``
   and, under ``accelerate launch``, computed in contiguous shards per process and gathered in order.
 * ``frechet_distance`` and ``fd_sample_note`` (a warning when ``n <= d`` leaves the covariance
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from .atomic import atomic_path, write_json_atomic
 
 Tensor = torch.Tensor
 
@@ -78,13 +80,14 @@ def load_images(paths: Sequence[str | Path], size: int | None = None, jpeg_quali
 
 
 def save_images(images: Tensor, paths: Sequence[str | Path]) -> None:
-    """Float images in [0, 1] ``(B, 3, H, W)`` -> 8-bit PNG files (rounded, clamped)."""
+    """Float images in [0, 1] ``(B, 3, H, W)`` -> 8-bit PNG files (rounded, clamped), each written to a
+    temporary name of this process's own and renamed into place."""
     from PIL import Image
 
     u8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for arr, p in zip(u8, paths):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(p)
+        with atomic_path(p) as tmp:  # a killed write never leaves a truncated PNG under its final name
+            Image.fromarray(arr).save(tmp, format="PNG")
 
 
 @dataclass
@@ -194,10 +197,11 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def default_digest_cache() -> Path:
-    """``$ODECM_DIGEST_CACHE``, else ``$XDG_CACHE_HOME/odecm/file_digests.json`` (``~/.cache`` by default)."""
-    if os.environ.get("ODECM_DIGEST_CACHE"):
-        return Path(os.environ["ODECM_DIGEST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "odecm" / "file_digests.json"
+    """``file_digests.json`` in odecm's cache folder (``odecm.runs.cache_root()``: ``$ODECM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``)."""
+    from odecm.runs import cache_root
+
+    return cache_root() / "file_digests.json"
 
 
 def file_digest(path: str | Path, cache_file: str | Path | None = None) -> str:
@@ -228,10 +232,7 @@ def file_digest(path: str | Path, cache_file: str | Path | None = None) -> str:
     _DIGESTS[key] = digest
     table[entry] = digest
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=0))
-        os.replace(tmp, cache)
+        write_json_atomic(cache, table, indent=0)
     except OSError:  # a read-only home: the in-memory entry still serves this process
         pass
     return digest
@@ -289,10 +290,8 @@ def cached(cache_dir: str | Path | None, key_name: str, key: str, compute: Calla
     out = compute()
     state = _state()
     if state.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"features": out.contiguous()}, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"features": out.contiguous()}, str(tmp), metadata={"key": key})
     state.wait_for_everyone()
     return out
 

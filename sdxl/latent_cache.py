@@ -9,8 +9,11 @@ local folder (``sdxl.teacher.load_sdxl``). The cache goes to ``OUT/<key>/`` wher
 16 hex digits of a SHA-256 over (model, VAE, encoder dtype, resolution, crop mode, flip, seed,
 transparency background, format version, dataset listing = every file's path, caption and byte size):
 a run with the same inputs finds the finished cache and returns at once; a change to any of them
-gives a new key. Bad ``data`` / ``index`` paths, unknown extensions, listings without usable rows and
-missing captions (unless ``allow_empty_captions=true``) are one-line errors before any model loads.
+gives a new key. Bad ``data`` / ``index`` paths, unknown extensions, listings without usable rows,
+missing captions (unless ``allow_empty_captions=true``), a ``model`` / ``vae`` that does not exist, a
+``device`` this machine lacks and a ``resolution`` that is not a multiple of the VAE's downsampling
+factor (``sdxl.checks``, as ``sdxl.train`` and ``sdxl.reference`` check them) are one-line errors before
+any folder is made or any model loads.
 
 What is stored, per sample (safetensors shards ``shard-00000.safetensors`` ..., ``index.json``):
 
@@ -29,8 +32,9 @@ example effectively does with ``latent_dist.sample()``, lets training draw a fre
 Caching freezes the augmentation: each image keeps the one crop/flip it got (seed, epoch 0); use
 center crops for cached training.
 
-Resume: shards are written to a temporary name and renamed when complete; ``index.json`` lists the
-finished ones, and a rerun skips them (their images are not even decoded).
+Resume: shards are written to a temporary name of the writing process's own (``sdxl.atomic``) and renamed
+when complete; ``index.json`` (written the same way) lists the finished ones, and a rerun skips them
+(their images are not even decoded).
 
 Bad samples (``sdxl.data_skips``: unreadable or missing images, truncated shards, captions that are not
 UTF-8, malformed index lines, ...) are skipped with a one-line warning and counted by reason:
@@ -56,13 +60,17 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
+from odecm.cli import InputError
 from odecm.config import StrictModel
+from sdxl.atomic import atomic_path, remove_stale_temps, write_json_atomic
+from sdxl.checks import device_problem, model_source_problem, vae_factor_problem
 from sdxl.data import (WHITE, ImageCaptionDataset, Skip, SkipStats, TooManySkipsError, WebImageCaptionDataset,
                        data_kind, expand_shards, scan)
 from sdxl.latent_cache_dataset import TENSOR_KEYS, CachedLatentDataset, collate_cached, cond, sample_latents
 from sdxl.teacher import load_sdxl, make_time_ids, resolve_dtype
 
-__all__ = ["LatentCacheConfig", "Encoders", "load_encoders", "encode_posterior", "cache_key", "build_cache", "main",
+__all__ = ["LatentCacheConfig", "Encoders", "load_encoders", "encode_posterior", "check_models", "cache_key", "build_cache",
+           "main",
            "CachedLatentDataset", "collate_cached", "cond", "sample_latents", "TENSOR_KEYS", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -192,6 +200,18 @@ def _source(cfg: LatentCacheConfig) -> _Source:
     return _Source(units, listing, found.skips, dataset.num_rows)
 
 
+def check_models(cfg: LatentCacheConfig) -> None:
+    """The checks ``sdxl.train`` and ``sdxl.reference`` make at the door (``sdxl.checks``): ``model`` and ``vae``
+    exist (folder or hub id; offline: cached), ``device`` is one this machine has, ``resolution`` is a
+    multiple of the VAE's downsampling factor. One ``InputError`` listing every problem."""
+    problems = [model_source_problem("model", cfg.model), model_source_problem("vae", cfg.vae)]
+    if not any(problems):
+        problems.append(vae_factor_problem("resolution", cfg.resolution, cfg.model, cfg.vae))
+    problems.append(device_problem("device", cfg.device))
+    if any(problems):
+        raise InputError("\n".join(p for p in problems if p))
+
+
 def cache_key(cfg: LatentCacheConfig, model_name: str, listing: list) -> str:
     """16 hex digits of SHA-256 over everything that changes the cached values."""
     payload = dict(version=FORMAT_VERSION, model=model_name, resolution=cfg.resolution, crop=cfg.crop,
@@ -240,9 +260,7 @@ def _encode_unit(unit: _Unit, encoders: Encoders, cfg: LatentCacheConfig,
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, value, indent=1)
 
 
 def _append_log(folder: Path, record: dict) -> None:
@@ -268,9 +286,12 @@ def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progre
 
     ``encoders`` defaults to ``load_encoders(cfg.model, cfg.vae, cfg.encode_dtype, cfg.device)``;
     pass them to reuse loaded models (they are then identified by ``encoders.name``). The data is
-    listed and checked (``odecm.cli.InputError``) before any folder is made or any model loads; too
+    listed and checked, then (without ``encoders``) the model, VAE, device and resolution
+    (``check_models``), all before any folder is made or any model loads (``odecm.cli.InputError``); too
     many skipped samples stop the build with ``TooManySkipsError`` (module docstring)."""
     source = _source(cfg)
+    if encoders is None:
+        check_models(cfg)
     stats = SkipStats(cfg.max_skip_fraction, source.total, key="max_skip_fraction")
     stats.extend(source.listing_skips)
     stats.check()  # a listing that is mostly bad rows stops here
@@ -284,6 +305,7 @@ def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progre
         log.info("latent cache %s is complete; reusing it", folder)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)  # shard / index writes of killed builds
     if index is None or index.get("key") != key:
         index = dict(key=key, version=FORMAT_VERSION, complete=False, model=name, latents="posterior_mean_std",
                      config=cfg.model_dump(), num_units=len(source.units), shards={}, num_samples=0, skipped=0)
@@ -304,10 +326,9 @@ def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progre
         unit_stats, started = SkipStats(), time.perf_counter()
         tensors, captions, names = _encode_unit(unit, encoders, cfg, unit_stats)
         if tensors:
-            tmp = folder / (file + ".tmp")
-            save_file(tensors, str(tmp), metadata=dict(captions=json.dumps(captions), names=json.dumps(names),
-                                                      source=unit.name))
-            os.replace(tmp, folder / file)
+            with atomic_path(folder / file) as tmp:
+                save_file(tensors, str(tmp), metadata=dict(captions=json.dumps(captions), names=json.dumps(names),
+                                                          source=unit.name))
         index["shards"][file] = dict(count=len(captions), source=unit.name, **_unit_record(unit_stats))
         _write_json(index_path, index)
         encoded += len(captions)

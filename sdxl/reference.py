@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .eval_config import ReferenceConfig, check_model_source, check_path, cli_config, input_error, resolve_model
+from .atomic import atomic_path
+from .checks import check_device, check_model_source, vae_factor_problem
+from .eval_config import ReferenceConfig, check_path, cli_config, input_error, resolve_model
 from .eval_shards import (done_indices, folder_key_check, image_path, missing_indices, plan_shards,
                           read_latents, shard_files, shard_path, write_latent_shard, write_manifest)
 
@@ -96,6 +98,22 @@ def _caption_seed(seed: int, i: int, stream: int = 0) -> int:
     return (int(seed) * 1_000_003 + int(i) * 7919 + stream) % (2**63 - 1)
 
 
+def _noise_readable(path: Path, shape: tuple[int, ...]) -> bool:
+    """Does ``path`` hold a readable ``noise`` tensor of ``shape``? (A file that cannot be read is
+    replaced, with a warning.)"""
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            if tuple(fh.get_slice("noise").get_shape()) == tuple(shape):
+                return True
+    except Exception as err:  # noqa: BLE001 -- SafetensorError / OSError: a truncated file
+        warnings.warn(f"{path}: unreadable noise file ({type(err).__name__}); drawing it again", stacklevel=3)
+    return False
+
+
 def shared_noise(cache_dir: str | Path, seed: int, n: int, shape: Sequence[int]) -> tuple[Tensor, Path]:
     """``(n, *shape)`` standard normal noise, one draw per caption ``i`` from generator seed ``(seed, i)``;
     stored in ``<cache_dir>/noise`` and loaded from there afterwards."""
@@ -105,13 +123,11 @@ def shared_noise(cache_dir: str | Path, seed: int, n: int, shape: Sequence[int])
 
     path = noise_path(cache_dir, seed, n, shape)
     state = _state()
-    if not path.is_file() and state.is_main_process:
+    if state.is_main_process and not _noise_readable(path, (n, *shape)):
         x = torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_caption_seed(seed, i)))
                          for i in range(n)])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"noise": x}, str(tmp), metadata={"seed": str(seed), "n": str(n)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # a name of this process's own: concurrent runs never mix their writes
+            save_file({"noise": x}, str(tmp), metadata={"seed": str(seed), "n": str(n)})
     state.wait_for_everyone()
     return load_file(str(path))["noise"], path
 
@@ -185,31 +201,9 @@ def reference_folder(cfg: ReferenceConfig) -> tuple[Path, dict]:
     return Path(cfg.cache_dir) / "reference" / name, key
 
 
-def _vae_config(model_cfg) -> dict | None:
-    """The VAE's ``config.json`` without loading it: a local folder's (or the tiny model's), or the local hub
-    cache's; None when it cannot be read."""
-    source, sub = (model_cfg.vae, "config.json") if model_cfg.vae else (model_cfg.pretrained, "vae/config.json")
-    if source == "tiny":
-        source = resolve_model(model_cfg)
-    path = Path(source) / sub
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(source, sub)
-        except Exception:  # not a repo id
-            return None
-        if not isinstance(found, str):
-            return None
-        path = Path(found)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def check_reference_inputs(cfg: ReferenceConfig) -> None:
-    """Every check that needs no model: caption file, model / VAE sources, and an ``out_dir`` of other inputs."""
+    """Every check that needs no model (``sdxl.checks`` for the model, VAE and device): caption file, model /
+    VAE sources, the resolution against the VAE's factor, the device, and an ``out_dir`` of other inputs."""
     suffixes = CAPTION_SUFFIXES
     check_path("captions", cfg.captions, "file", "a caption file (.txt, .jsonl or .json)")
     if Path(cfg.captions).suffix not in suffixes:
@@ -225,12 +219,10 @@ def check_reference_inputs(cfg: ReferenceConfig) -> None:
                           f"allowed: 1..{len(caps)} or null (all)")
     check_model_source("model.pretrained", cfg.model.pretrained)
     check_model_source("model.vae", cfg.model.vae)
-    vae = _vae_config(cfg.model)
-    if vae and isinstance(vae.get("block_out_channels"), list):
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        if cfg.resolution % factor:
-            raise input_error(f"resolution={cfg.resolution}: must be a multiple of the VAE's downsampling factor "
-                              f"{factor}; allowed e.g. {cfg.resolution - cfg.resolution % factor or factor}")
+    problem = vae_factor_problem("resolution", cfg.resolution, cfg.model.pretrained, cfg.model.vae)
+    if problem:
+        raise input_error(problem)
+    check_device("device", cfg.device)
     if cfg.out_dir:
         folder, key = reference_folder(cfg)
         folder_key_check("out_dir", folder, "teacher_reference", key)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SDXL_SCHEDULER_CONFIG", "TINY_SIZES", "build_tiny_sdxl", "cached_tiny_sdxl", "cache_dir", "tiny_sdxl_pipeline",
+__all__ = ["SDXL_SCHEDULER_CONFIG", "TINY_SIZES", "TINY_VAE_BLOCKS", "build_tiny_sdxl", "cached_tiny_sdxl", "tiny_sdxl_pipeline",
            "write_byte_tokenizer"]
 
 #: SDXL base's scheduler fields (EulerDiscreteScheduler; DDIM/LCM read the same dict).
@@ -45,6 +45,9 @@ SDXL_SCHEDULER_CONFIG = dict(
 
 #: Sizes of the tiny model: images of ``image_size`` px give latents of ``latent_size``.
 TINY_SIZES = dict(image_size=32, latent_size=16, hidden=32, time_embed=8, max_length=77)
+
+#: The tiny VAE's ``block_out_channels`` (two blocks: downsampling factor 2); read by the checks at the door.
+TINY_VAE_BLOCKS = (16, 32)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -121,7 +124,7 @@ def tiny_sdxl_pipeline(seed: int = 0):
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(16, 32),
+        block_out_channels=TINY_VAE_BLOCKS,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
@@ -152,20 +155,17 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def cache_dir() -> Path:
-    """odecm's cache folder: ``$ODECM_CACHE``, else ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``."""
-    if os.environ.get("ODECM_CACHE"):
-        return Path(os.environ["ODECM_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "odecm"
-
-
-def cached_tiny_sdxl(seed: int = 0) -> Path:
-    """The folder of ``build_tiny_sdxl(seed)`` under ``cache_dir()``, built on first use.
+def cached_tiny_sdxl(seed: int = 0, root: str | Path | None = None) -> Path:
+    """The folder ``<root>/tiny_sdxl_seed<seed>`` of ``build_tiny_sdxl(seed)``, built on first use; ``root``
+    defaults to odecm's cache folder (``odecm.runs.cache_root()``: ``$ODECM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``).
 
     The build draws from torch's global generator but restores its state afterwards, so whether a
     run had to build the model or found it changes nothing that follows. Several processes may call
     this at once: each builds into its own temporary folder and the first rename wins."""
-    folder = cache_dir() / f"tiny_sdxl_seed{int(seed)}"
+    from odecm.runs import cache_root
+
+    folder = Path(root if root is not None else cache_root()) / f"tiny_sdxl_seed{int(seed)}"
     if (folder / "model_index.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

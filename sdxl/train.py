@@ -12,14 +12,16 @@ A run, in order:
      (``--overwrite`` clears one first); ``--resume latest`` needs a checkpoint of this run, and the
      config may differ from the checkpoint's only as ``sdxl.train_config.RESUME_POLICY`` allows
      (``--allow-change KEY`` accepts a refused key, with a logged note); a run already at
-     ``distill.train_steps`` is reported finished and left untouched;
+     ``distill.train_steps`` is reported finished and left untouched, unless its final outputs (step 4)
+     are missing or incomplete (killed after its last checkpoint): then they are written from that checkpoint;
   3. ``sdxl.build.build_run`` (weights, LoRA student on the teacher's UNet, target, provider, optimizer),
      then ``odecm.training.Trainer`` with the loss of ``sdxl.loss``: NaN/inf guard decided on all
      ranks at once, fp16 through the grad scaler, checkpoints published only after a finite loss;
   4. outputs in ``out_dir``: ``config.json`` (replayable), ``log.jsonl`` (per step), ``tensorboard/``
      (``log_with``), ``validation/step_XXXXXXX/`` (``validation.every``), ``checkpoints/``, the student
-     (``lora/`` in diffusers' format, or ``student/unet/``) and ``metrics.json`` describing the whole
-     run across resumes; the end prints where each is and a one-line summary.
+     (``lora/`` in diffusers' format, or ``student/unet/``; filled under a temporary name, marked
+     ``COMPLETE`` with its step and renamed into place) and ``metrics.json`` describing the whole
+     run across resumes (written atomically); the end prints where each is and a one-line summary.
 
 Randomness: the run's seed fixes the LoRA initialisation, the data order, n, the forward noise and
 the VAE posterior noise (all drawn for the global batch), so W processes with global batch B equal one
@@ -43,12 +45,14 @@ from odecm.config import config_to_dict, save_config
 from odecm.runs import check_resume_config, prepare_run_dir, resolve_resume
 from odecm.training import NonFiniteLossError, Trainer, TrainerConfig
 
+from .atomic import atomic_folder, write_json_atomic
 from .build import Run, build_run, make_accelerator, resolve_log_with
 from .checks import check_config
 from .loss import make_loss_fn
 from .train_config import RESUME_POLICY, SDXLTrainConfig, load_train_config
 
-__all__ = ["train", "main", "parse_args", "SDXLTrainer", "resume_point", "run_metrics", "trainer_config"]
+__all__ = ["train", "main", "parse_args", "SDXLTrainer", "resume_point", "run_metrics", "trainer_config", "missing_outputs",
+           "save_student", "student_folder", "STUDENT_COMPLETE"]
 
 
 class SDXLTrainer(Trainer):
@@ -180,21 +184,113 @@ def _init_trackers(cfg: SDXLTrainConfig, acc) -> None:
     acc.init_trackers("tensorboard", config=flat)
 
 
+#: the marker a student folder gets last, before it is renamed into place: ``{"step", "run_id"}``
+STUDENT_COMPLETE = "COMPLETE"
+
+
+def student_folder(cfg: SDXLTrainConfig) -> Path:
+    """``<out_dir>/lora`` (LoRA student) or ``<out_dir>/student`` (full UNet)."""
+    return Path(cfg.out_dir) / ("lora" if cfg.student.kind == "lora" else "student")
+
+
+def missing_outputs(cfg: SDXLTrainConfig, step: int) -> list[str]:
+    """What a run finished at ``step`` lacks of its final outputs (empty: all there and complete): the
+    student folder with its ``COMPLETE`` marker for this step and its weights, and ``metrics.json`` of
+    this step."""
+    out, missing = Path(cfg.out_dir), []
+    if cfg.save_student:
+        folder = student_folder(cfg)
+        weights = folder / ("pytorch_lora_weights.safetensors" if cfg.student.kind == "lora" else "unet")
+        try:
+            marked = json.loads((folder / STUDENT_COMPLETE).read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            marked = None
+        if marked != step or not weights.exists():
+            missing.append(f"{folder.name}/ " + ("missing" if not folder.exists() else
+                                                 f"incomplete (no {STUDENT_COMPLETE} marker of step {step})"))
+    try:
+        done = json.loads((out / "metrics.json").read_text()).get("steps") == step
+    except (OSError, ValueError, AttributeError):
+        done = False
+    if not done:
+        missing.append(f"metrics.json {'missing' if not (out / 'metrics.json').exists() else 'not of this step'}")
+    return missing
+
+
+def save_student(cfg: SDXLTrainConfig, run: Run, step: int, run_id: str | None) -> Path:
+    """The student in diffusers' format plus ``odecm_student.json``, written into a temporary folder that
+    gets ``COMPLETE`` last and is then renamed into place (``sdxl.atomic.atomic_folder``): a kill leaves
+    no folder, the previous one, or the complete new one."""
+    from .student import write_student_info
+
+    folder = student_folder(cfg)
+    with atomic_folder(folder) as tmp:
+        run.student.save(tmp)
+        write_student_info(tmp, cfg)
+        (tmp / STUDENT_COMPLETE).write_text(json.dumps({"step": step, "run_id": run_id}))
+    return folder
+
+
+def _make_trainer(cfg: SDXLTrainConfig, acc, run: Run, out: Path, allow_change: Sequence[str],
+                  validator=None) -> SDXLTrainer:
+    return SDXLTrainer(run.student_fn, run.optimizer, make_loss_fn(run), out, trainer_config(cfg), target=run.target,
+                       lr_scheduler=run.lr_scheduler, accelerator=acc, student_state=lambda m: m.trainable_state(),
+                       params=run.student.parameters(), run_config=config_to_dict(cfg), resume_policy=RESUME_POLICY,
+                       allow_change=allow_change, run=run, validator=validator,
+                       run_info={"world_size": acc.num_processes, "method": cfg.distill.method,
+                                 "solver": cfg.distill.solver})
+
+
+def _write_outputs(cfg: SDXLTrainConfig, acc, run: Run, trainer: Trainer, segment: dict) -> dict:
+    """The student folder (atomically), ``metrics.json`` (atomically) and the summary, on the main process."""
+    acc.wait_for_everyone()
+    metrics: dict[str, Any] = {}
+    if acc.is_main_process:
+        if cfg.save_student:
+            save_student(cfg, run, trainer.step, trainer.run_id)
+        metrics = run_metrics(cfg, trainer, run, segment)
+        write_json_atomic(Path(cfg.out_dir) / "metrics.json", metrics)
+        print("\n".join(summary_lines(metrics)), flush=True)
+    acc.wait_for_everyone()
+    return metrics
+
+
+def _rewrite_outputs(cfg: SDXLTrainConfig, acc, meta: dict, resume: str, allow_change: Sequence[str]) -> dict:
+    """A finished run whose final outputs are missing or incomplete (killed after its last checkpoint):
+    load that checkpoint and write them; no training step, no config.json rewrite."""
+    t0 = time.perf_counter()
+    run = build_run(cfg, acc)
+    _restore_skip_stats(run.source.stats, (meta.get("run_info") or {}).get("data_skips"))
+    trainer = _make_trainer(cfg, acc, run, Path(cfg.out_dir), allow_change)
+    trainer.resume(resume)
+    segment = {"resumed_from_step": trainer.step, "steps": 0, "wall_seconds": time.perf_counter() - t0,
+               "resume_changes": meta["resume_notes"], "outputs_rewritten": True}
+    return _write_outputs(cfg, acc, run, trainer, segment)
+
+
 def train(cfg: SDXLTrainConfig, resume: str | None = None, accelerator=None, overwrite: bool = False,
           allow_change: Sequence[str] = ()) -> dict:
-    """Run (or resume) a distillation; returns the metrics written to ``<out_dir>/metrics.json``."""
+    """Run (or resume) a distillation; returns the metrics written to ``<out_dir>/metrics.json``.
+
+    Resuming a run already at ``distill.train_steps``: with its final outputs complete (``missing_outputs``)
+    nothing is done; otherwise they are written from its final checkpoint."""
     acc = accelerator or make_accelerator(cfg, trackers=True)
     check_config(cfg, acc.num_processes, command="train")
     meta = resume_point(cfg, resume, allow_change)
     out = prepare_run_dir(cfg.out_dir, resume, overwrite, is_main=acc.is_main_process)
     acc.wait_for_everyone()
     if meta is not None and int(meta["step"]) >= cfg.distill.train_steps:
+        step, missing = int(meta["step"]), missing_outputs(cfg, int(meta["step"]))
+        if not missing:
+            if acc.is_main_process:
+                print(f"[sdxl.train] the run in {out} is already finished (step {step} of distill.train_steps="
+                      f"{cfg.distill.train_steps}); nothing done, its outputs are unchanged. Raise "
+                      "distill.train_steps to continue it.", flush=True)
+            return json.loads((out / "metrics.json").read_text())
         if acc.is_main_process:
-            print(f"[sdxl.train] the run in {out} is already finished (step {meta['step']} of distill.train_steps="
-                  f"{cfg.distill.train_steps}); nothing done, its outputs are unchanged. Raise distill.train_steps "
-                  "to continue it.", flush=True)
-        metrics_file = out / "metrics.json"
-        return json.loads(metrics_file.read_text()) if metrics_file.exists() else {"steps": int(meta["step"])}
+            print(f"[sdxl.train] the run in {out} is finished (step {step}) but its final outputs are not all "
+                  f"there ({'; '.join(missing)}): writing them from its checkpoint of step {step}.", flush=True)
+        return _rewrite_outputs(cfg, acc, meta, resume, allow_change)
     notes = meta["resume_notes"] if meta else []
     if acc.is_main_process:
         prov = provenance()
@@ -210,12 +306,7 @@ def train(cfg: SDXLTrainConfig, resume: str | None = None, accelerator=None, ove
     _init_trackers(cfg, acc)
     if meta is not None:
         _restore_skip_stats(run.source.stats, (meta.get("run_info") or {}).get("data_skips"))
-    trainer = SDXLTrainer(run.student_fn, run.optimizer, make_loss_fn(run), out, trainer_config(cfg), target=run.target,
-                          lr_scheduler=run.lr_scheduler, accelerator=acc, student_state=lambda m: m.trainable_state(),
-                          params=run.student.parameters(), run_config=config_to_dict(cfg), resume_policy=RESUME_POLICY,
-                          allow_change=allow_change, run=run, validator=validator,
-                          run_info={"world_size": acc.num_processes, "method": cfg.distill.method,
-                                    "solver": cfg.distill.solver})
+    trainer = _make_trainer(cfg, acc, run, out, allow_change, validator)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start, t0 = int(meta["step"]) if meta else 0, time.perf_counter()
@@ -226,20 +317,7 @@ def train(cfg: SDXLTrainConfig, resume: str | None = None, accelerator=None, ove
             tracker.finish()
     segment = {"resumed_from_step": start, "steps": len(history), "wall_seconds": time.perf_counter() - t0,
                "resume_changes": notes}
-    acc.wait_for_everyone()
-    metrics: dict[str, Any] = {}
-    if acc.is_main_process:
-        if cfg.save_student:
-            folder = out / ("lora" if run.student.kind == "lora" else "student")
-            run.student.save(folder)
-            from .student import write_student_info
-
-            write_student_info(folder, cfg)
-        metrics = run_metrics(cfg, trainer, run, segment)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print("\n".join(summary_lines(metrics)), flush=True)
-    acc.wait_for_everyone()
-    return metrics
+    return _write_outputs(cfg, acc, run, trainer, segment)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

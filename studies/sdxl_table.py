@@ -6,9 +6,11 @@ x DDIM, Euler, Heun (``labels.solver``), then one teacher row per reference solv
 E (latent ODE error), FID and FD-DINO against the teacher's samples, CLIP score, aesthetic; one
 table per k in (1, 2, 4). The paper's solver rows are ``ddim``, ``euler_vp`` and ``heun_vp`` (its Euler and
 Heun step the VP PF-ODE in (x, t)); runs with the EDM-form ``euler`` / ``heun`` get their own rows. A row
-without a run says ``missing``. Runs that differ in timestep indexing, Fréchet-distance protocol,
-caption count, N or guidance, or whose reference solver is not their training solver, are listed under
-``warnings`` (the numbers would not be comparable). Writes ``table.md``,
+without a run says ``missing``; a ``--runs`` folder without ``metrics.json`` becomes a row saying so,
+and one that does not exist is refused (``error: --runs: ...``, exit status 2, nothing written). Runs
+that differ in timestep indexing, Fréchet-distance protocol, caption count, N or guidance, or whose
+reference solver is not their training solver, are listed under ``warnings`` (the numbers would not be
+comparable). Writes ``table.md``,
 ``table.json`` and, per run, ``grid_<method>_<solver>.png``: teacher and k = 1, 2, 4 samples for the
 same captions and the same initial noise, one column per caption.
 """
@@ -19,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_runs", "build_table", "render_markdown", "image_grid", "main", "METHODS", "SOLVERS", "EXTRA_SOLVERS", "TABLE_COLUMNS",
+__all__ = ["load_runs", "check_run_folders", "build_table", "render_markdown", "image_grid", "main", "METHODS", "SOLVERS", "EXTRA_SOLVERS", "TABLE_COLUMNS",
            "comparability_warnings"]
 
 METHODS = {"cd": "CM", "direct_cd": "Direct CM"}
@@ -169,12 +171,27 @@ def image_grid(run: dict, path: str | Path, num_captions: int = 4, thumb: int = 
     return path
 
 
+def check_run_folders(dirs: list[str | Path]) -> None:
+    """Every ``--runs`` entry must be an existing folder (``InputError`` naming them, before anything is
+    written); a folder without ``metrics.json`` is allowed and becomes a row saying so."""
+    from odecm.cli import InputError
+
+    bad = [f"--runs: {d} is not a folder" if Path(d).exists() else f"--runs: {d} does not exist"
+           for d in dirs if not Path(d).is_dir()]
+    if bad:
+        raise InputError("\n".join(f"{line}; allowed: an sdxl.evaluate output folder or a sample folder with eval/"
+                                    for line in bad))
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from odecm.cli import positive_int
+
+    ap = argparse.ArgumentParser(prog="python -m studies.sdxl_table", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="sdxl.evaluate output folders (or sample folders with eval/)")
     ap.add_argument("--out", default="results/sdxl_table")
-    ap.add_argument("--grid-captions", type=int, default=4)
+    ap.add_argument("--grid-captions", type=positive_int, default=4, help="captions per image grid (>= 1)")
     args = ap.parse_args(argv)
+    check_run_folders(args.runs)
     runs = load_runs(args.runs)
     table = build_table(runs)
     out = Path(args.out)
@@ -195,4 +212,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from odecm.cli import run_main
+
+    run_main(main)

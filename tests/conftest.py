@@ -1,10 +1,16 @@
-"""Shared pytest setup: no network, and one tiny SDXL-architecture pipeline folder per session.
+"""Shared pytest setup: no network, odecm's cache in a session folder, one tiny SDXL pipeline per session.
 
 Fixtures
 --------
-``tiny_sdxl_dir``: path of a folder written by ``sdxl.tiny.build_tiny_sdxl(folder, seed=0)``
-(a StableDiffusionXLPipeline layout; load with ``from_pretrained(folder)`` or
-``sdxl.teacher.load_sdxl(folder)``). Built once per test session; treat it as read-only.
+``odecm_cache_dir`` (autouse, session): ``$ODECM_CACHE_DIR`` (``odecm.runs.cache_root()``) points at a
+temporary folder for the whole session, so tests never write to ``~/.cache``; what one test caches
+(learned toy teachers, image-world models, file digests, the tiny model) later tests of the session
+find. The previous value is restored at the end.
+
+``tiny_sdxl_dir``: ``<odecm_cache_dir>/tiny_sdxl_seed0``, written by ``sdxl.tiny.cached_tiny_sdxl(seed=0)``
+(``build_tiny_sdxl``: a StableDiffusionXLPipeline layout; load with ``from_pretrained(folder)`` or
+``sdxl.teacher.load_sdxl(folder)``), so ``model.pretrained=tiny`` finds the same folder. Built once per
+test session; treat it as read-only.
 """
 from __future__ import annotations
 
@@ -21,14 +27,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def odecm_cache_dir(tmp_path_factory):
+    """odecm's cache folder for this session (``$ODECM_CACHE_DIR``), restored afterwards."""
+    folder = tmp_path_factory.mktemp("odecm_cache")
+    old = os.environ.get("ODECM_CACHE_DIR")
+    os.environ["ODECM_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("ODECM_CACHE_DIR", None)
+    else:
+        os.environ["ODECM_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
-def tiny_sdxl_dir(tmp_path_factory):
-    """A tiny random SDXL pipeline saved with ``save_pretrained`` (seed 0); read-only for tests."""
+def tiny_sdxl_dir(odecm_cache_dir):
+    """A tiny random SDXL pipeline saved with ``save_pretrained`` (seed 0), where ``model.pretrained=tiny``
+    looks for it; read-only for tests."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from sdxl.tiny import build_tiny_sdxl
+    from sdxl.tiny import cached_tiny_sdxl
 
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "pipeline", seed=0)
+    return cached_tiny_sdxl(seed=0, root=odecm_cache_dir)
 
 
 @pytest.fixture(scope="module")

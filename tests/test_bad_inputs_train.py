@@ -3,7 +3,7 @@
 any folder is made.
 
 Each case runs the real ``main`` with the weight loaders replaced by a tripwire (a check that comes too
-late fails the test with "model loaded") and ``ODECM_CACHE`` pointed at an empty folder (the tiny model
+late fails the test with "model loaded") and ``ODECM_CACHE_DIR`` pointed at an empty folder (the tiny model
 must not even be built); afterwards ``out_dir`` must not exist, or be exactly as it was.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def door(tmp_path, monkeypatch):
         monkeypatch.setattr(module, "load_sdxl", tripwire)
     monkeypatch.setattr(sdxl.train, "build_run", tripwire)
     cache = tmp_path / "cache"
-    monkeypatch.setenv("ODECM_CACHE", str(cache))
+    monkeypatch.setenv("ODECM_CACHE_DIR", str(cache))
     out = tmp_path / "run"
 
     def run(overrides: list[str], extra: list[str] = (), command: str = "train", out_dir: str | None = None) -> str:
@@ -195,7 +195,7 @@ def test_command_line_error_is_one_line(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "sdxl.train", "--config", "tiny_cpu", "--set", f"out_dir={out}",
                            "distill.optim.lr=1e39"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "ODECM_CACHE": str(tmp_path / "c"),
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "ODECM_CACHE_DIR": str(tmp_path / "c"),
                                "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

@@ -2,7 +2,8 @@
 
 The generic ``odecm.training.Trainer`` (small CD problem) is killed twice: at a random moment and in the
 middle of a checkpoint write; ``sdxl.train --config tiny_cpu`` is killed once in the middle of its
-second checkpoint write (the first one published). Workers are forked from the test process
+second checkpoint write (the first one published), and once right after its final checkpoint is published
+(before its LoRA is written: the restart must write it). Workers are forked from the test process
 (``benchmarks.kill_resume_runner``) and killed with SIGKILL. Each is restarted as a user would (``--resume latest``; a fresh ``--overwrite`` start
 when there was nothing to resume yet). After every kill ``checkpoints/latest`` names a complete,
 readable, finite checkpoint (or does not exist yet); the finished runs equal the uninterrupted ones
@@ -52,3 +53,11 @@ def test_sdxl_train_survives_a_kill_mid_checkpoint_write(tmp_path, tiny_sdxl_dir
     _assert_survived(result, 1)
     (kill,) = result["events"]
     assert kill["position"] == "mid_write" and kill["latest_step"] == 1  # the step-2 write was cut: resumed from 1
+
+
+def test_sdxl_train_killed_after_its_final_checkpoint_still_gets_its_lora(tmp_path, tiny_sdxl_dir):
+    result = run_train_target(SDXL_TRAIN, tmp_path, 1, np.random.default_rng(0), modes=["final"],
+                              extra={"model": str(tiny_sdxl_dir), "train_steps": 1, "checkpoint_every": 1})
+    _assert_survived(result, 1)  # includes: the final LoRA file equals the uninterrupted run's
+    (kill,) = result["events"]
+    assert kill["position"] == "after_final_checkpoint" and kill["latest_step"] == 1

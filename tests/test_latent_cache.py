@@ -273,3 +273,25 @@ def test_cli_checks_at_the_door(tmp_path, capsys):
     line = error(f"data={tmp_path / 'd'}")
     assert "img_00000.png (no img_00000.txt)" in line and "set allow_empty_captions=true" in line
     assert "background" in error(f"data={tmp_path / 'd'}", "background=[0,0,300]")
+
+
+def test_model_resolution_and_device_problems_are_listed_together_at_the_door(tmp_path, capsys):
+    """``sdxl.checks`` (shared with sdxl.train / sdxl.reference): every problem one line, nothing made."""
+    model = tmp_path / "model"
+    (model / "vae").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "vae" / "config.json").write_text('{"block_out_channels": [128, 256, 512, 512]}')  # factor 8
+    make_synthetic_dataset(tmp_path / "d", 2, size=16, seed=0)
+    out = tmp_path / "c"
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for settings, wanted in (
+            ([f"model={model}", "resolution=1020", f"device={device}"],
+             ["resolution=1020: must be a multiple of the VAE's downsampling factor 8; allowed e.g. 1016",
+              f"device={device}: this machine has"]),
+            ([f"model={model}", "device=meta"], ["device=meta: device type 'meta' is not supported"]),
+            ([f"model={model}", f"vae={tmp_path / 'd'}", "device=cpu"], [f"vae={tmp_path / 'd'}: holds no config.json"])):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(main, ["--set", f"data={tmp_path / 'd'}", f"out={out}", *settings])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == len(wanted) and not out.exists(), lines
+        assert all(line.startswith(f"error: {w}") for line, w in zip(lines, wanted)), lines

@@ -4,7 +4,8 @@ the tiny SDXL, running **exactly** the command lines of docs/sdxl_protocol.md ("
 
 ``python -m M args`` lines run in-process (``runpy``, as ``python -m`` would, but without re-importing torch
 22 times); other lines (mkdir, printf) run in bash. The tiny model is the session's ``tiny_sdxl_dir``
-fixture, placed where ``model.pretrained=tiny`` looks for it (``$ODECM_CACHE/tiny_sdxl_seed0``).
+fixture, which lies where ``model.pretrained=tiny`` looks for it (``$ODECM_CACHE_DIR/tiny_sdxl_seed0``, the
+session's cache folder: ``tests/conftest.py``).
 """
 from __future__ import annotations
 
@@ -55,11 +56,9 @@ def test_doc_smoke_runs_the_six_paper_configs(tmp_path, tiny_sdxl_dir, monkeypat
     assert refs == ["ddim", "euler_vp", "heun_vp"]
     assert all("model.timestep_offset=1" in ln for ln in lines if ln.startswith("python -m sdxl.reference"))
 
-    cache = tmp_path / "odecm_cache"
-    cache.mkdir()
-    (cache / "tiny_sdxl_seed0").symlink_to(tiny_sdxl_dir, target_is_directory=True)
-    monkeypatch.setenv("ODECM_CACHE", str(cache))
-    monkeypatch.setenv("ODECM_DIGEST_CACHE", str(tmp_path / "digests.json"))
+    from odecm.runs import cache_root
+
+    assert tiny_sdxl_dir == cache_root() / "tiny_sdxl_seed0"  # model.pretrained=tiny finds it, built once
     monkeypatch.chdir(tmp_path)
     for line in lines:
         run_line(line, tmp_path, monkeypatch)

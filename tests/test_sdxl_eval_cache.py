@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(autouse=True)
 def _digest_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ODECM_DIGEST_CACHE", str(tmp_path / "digests.json"))
+    monkeypatch.setenv("ODECM_CACHE_DIR", str(tmp_path / "odecm_cache"))  # file_digests.json lands there
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,22 @@ def test_resume_with_another_shard_size_computes_exactly_the_missing_captions(tm
         refmod.read_latents(folder, 20)
     with pytest.raises(ValueError, match="in two shards"):
         refmod.run_reference(cfg8, loader=lambda: pytest.fail("loaded a model for a corrupt cache"))
+
+
+def test_a_truncated_shard_is_computed_again_with_a_warning(tmp_path, tiny_sdxl_dir, bundle):
+    """A shard cut under its final name (an older writer, two runs sharing one temporary name) used to stop
+    every later run with a SafetensorError traceback; now its captions are not done and are recomputed."""
+    cfg = _ref_cfg(tmp_path, tiny_sdxl_dir, n=4, shard_size=2)
+    folder, _ = refmod.run_reference(cfg, loader=lambda: bundle)
+    _, full = refmod.read_latents(folder, 4)
+    shard = folder / "shards" / "00002-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="00002-00003.safetensors: unreadable latent shard"):
+        _, stats = refmod.run_reference(cfg, loader=lambda: bundle)
+    assert stats["captions_computed"] == 2 and stats["shards_computed"] == ["00002-00003"]
+    idx, z = refmod.read_latents(folder, 4)
+    assert idx.tolist() == [0, 1, 2, 3] and torch.allclose(z, full, atol=1e-5)
+    assert json.loads((folder / "manifest.json").read_text())["complete"]
 
 
 def test_incomplete_folder_is_named_per_caption(tmp_path, tiny_sdxl_dir, bundle):

@@ -3,9 +3,11 @@
 One finished run (``first``: tiny_cpu on images with one unreadable file, TensorBoard, validation
 images) is built at module start into an empty odecm cache, so it also builds the tiny model. Then:
 re-running into its folder is refused and changes nothing; ``--resume latest`` on it reports it
-finished and leaves every file as it was; a resume with another learning rate or solver is refused
-listing both keys, and accepted with ``--allow-change`` (noted in config.json) together with more
-training steps, after which metrics.json describes the whole run; ``--overwrite`` gives a fresh run
+finished and leaves every file as it was, and one whose final LoRA or metrics were lost (killed after
+the last checkpoint) gets them written from that checkpoint, equal to the uninterrupted run's; a resume
+with another learning rate or solver is refused listing both keys, and accepted with ``--allow-change``
+(noted in config.json) together with more training steps, after which metrics.json describes the whole
+run; ``--overwrite`` gives a fresh run
 whose losses equal the first run's, although this one found the tiny model cached (the seed is set
 after the model is built, so the first run of tiny_cpu and every later one agree).
 """
@@ -19,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -38,13 +41,13 @@ def _tree(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("odecm_cache")
-    old = os.environ.get("ODECM_CACHE")
-    os.environ["ODECM_CACHE"] = str(folder)
+    old = os.environ.get("ODECM_CACHE_DIR")
+    os.environ["ODECM_CACHE_DIR"] = str(folder)
     yield folder
     if old is None:
-        os.environ.pop("ODECM_CACHE", None)
+        os.environ.pop("ODECM_CACHE_DIR", None)
     else:
-        os.environ["ODECM_CACHE"] = old
+        os.environ["ODECM_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +147,50 @@ def test_resume_latest_on_a_finished_run_reports_it_and_keeps_its_outputs(first,
     again, printed = _main(_argv(out, images, "--resume", "latest"))
     assert "already finished" in printed and again == metrics
     assert _tree(out) == before
+
+
+def _lora(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return {k: fh.get_tensor(k).clone() for k in fh.keys()}, fh.metadata()  # no map of a file cut below
+
+
+@pytest.mark.parametrize("damage", ["outputs_missing", "lora_half_written"])
+def test_resume_of_a_finished_run_writes_its_missing_final_outputs(first, images, tmp_path, monkeypatch, damage):
+    """Killed after the final checkpoint was published: before the LoRA was written (outputs_missing), or
+    during the LoRA save of a version that wrote in place (a truncated file, no COMPLETE marker)."""
+    import sdxl.train
+
+    out, metrics, _ = first
+    copy = tmp_path / "killed"
+    shutil.copytree(out, copy)
+    lora = copy / "lora" / "pytorch_lora_weights.safetensors"
+    written, written_meta = _lora(lora)
+    assert json.loads((copy / "lora" / "COMPLETE").read_text())["step"] == 2
+    if damage == "outputs_missing":
+        shutil.rmtree(copy / "lora")
+        (copy / "metrics.json").unlink()
+    else:
+        lora.write_bytes(lora.read_bytes()[:100])
+        (copy / "lora" / "COMPLETE").unlink()
+    log, config = (copy / "log.jsonl").read_text(), (copy / "config.json").read_text()
+    again, printed = _main(_argv(copy, images, "--resume", "latest"))
+    assert "writing them from its checkpoint of step 2" in printed and "already finished" not in printed
+    tensors, meta = _lora(lora)  # the same LoRA as the uninterrupted run wrote: every tensor, the adapter config
+    assert meta == written_meta and tensors.keys() == written.keys()
+    assert all(torch.equal(tensors[k], written[k]) for k in written)
+    assert json.loads((copy / "lora" / "COMPLETE").read_text())["step"] == 2
+    assert again["steps"] == 2 and again["final_loss"] == metrics["final_loss"] and again["segments"] == 1
+    assert again["this_segment"]["steps"] == 0 and again["this_segment"]["outputs_rewritten"]
+    assert again["data"]["skipped_by_reason"] == metrics["data"]["skipped_by_reason"]
+    assert (copy / "log.jsonl").read_text() == log and (copy / "config.json").read_text() == config
+    assert not [p.name for p in copy.iterdir() if p.name.endswith(".tmp")]
+    # now complete: the next resume loads nothing and changes nothing
+    before = _tree(copy)
+    monkeypatch.setattr(sdxl.train, "build_run", lambda *a, **k: pytest.fail("model loaded for a finished run"))
+    _, printed = _main(_argv(copy, images, "--resume", "latest"))
+    assert "already finished" in printed and _tree(copy) == before
 
 
 def test_resume_refuses_changes_of_what_defines_the_run(first, images):

@@ -40,6 +40,7 @@ def test_table_from_two_tiny_runs(tmp_path, tiny_sdxl_dir):
         evals.append(samples / "eval")
 
     out = tmp_path / "table"
+    (tmp_path / "nope").mkdir()  # a folder without metrics.json: a row saying so (a missing folder is refused)
     table = sdxl_table.main(["--runs", str(evals[0]), str(tmp_path / "direct_cd"), str(tmp_path / "nope"),
                              "--out", str(out), "--grid-captions", "2"])
     rows = {r["row"]: r for r in table["rows"]}

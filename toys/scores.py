@@ -195,7 +195,11 @@ def sample_train_times(schedule: NoiseSchedule, n: int, generator: torch.Generat
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ODECM_CACHE_DIR", Path.home() / ".cache" / "odecm")) / "toy_teachers"
+    """``<odecm cache>/toy_teachers`` (``odecm.runs.cache_root()``: ``$ODECM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``)."""
+    from odecm.runs import cache_root
+
+    return cache_root() / "toy_teachers"
 
 
 def _train(den, gmm, schedule, opt, sched, budget, batch_size, predict, v_data, gen) -> None:
@@ -233,9 +237,9 @@ def learned(
     Training: ``budget`` Adam steps (lr cosine-decayed to 0), batches ``x0 ~ gmm``, t from
     ``sample_train_times``, loss ``E ||eps_hat - eps||^2`` (``predict="eps"``) or
     ``E w(t) ||x0_hat - x0||^2`` with ``w = SNR / (1 + SNR v_data)`` (``predict="x0"``, EDM-like). ``budget=0`` gives the untrained network.
-    Cached under ``cache_dir`` (default ``$ODECM_CACHE_DIR/toy_teachers`` or
-    ``~/.cache/odecm/toy_teachers``) as ``<hash>.safetensors`` + ``<hash>.json``, the hash taken over
-    the full config (mixture, schedule, budget, seed, width, depth, predict, batch, lr).
+    Cached under ``cache_dir`` (default ``default_cache_dir()``: ``<odecm cache>/toy_teachers``) as
+    ``<hash>.safetensors`` + ``<hash>.json``, the hash taken over the full config (mixture, schedule,
+    budget, seed, width, depth, predict, batch, lr).
     """
     from safetensors.torch import load_file, save_file
 
