@@ -123,7 +123,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_at_the_door(case, tmp_path, capsys, monkeypatch):
     _, entry, setup, argv, fragment = case
-    monkeypatch.setenv("ODECM_DIGEST_CACHE", str(tmp_path / "digests.json"))
+    monkeypatch.setenv("ODECM_CACHE_DIR", str(tmp_path / "odecm_cache"))  # file digests land outside root
     root = tmp_path / "root"
     root.mkdir()
     if setup is not None:
