@@ -4,7 +4,8 @@
 
 1. exact score of ring8 (K=8, d=2, float32), batch 1e6, shared t: evals/s (best of 3);
 2. an ensemble of ``--members`` students (study defaults: width 64, depth 3, batch 128 per member,
-   SDXL schedule, skip grid N=20, exact teacher, DDIM) trained for ``--speedup-steps`` steps at once,
+   the world of ``studies.score_error``: SDXL schedule in the paper's indexing, skip grid N=20 ending at
+   clean data, exact teacher, DDIM) trained for ``--speedup-steps`` steps at once,
    against the same members trained one after another; target: >= 3x faster (CD and Direct CD);
 3. wall time of one full CD and one full Direct CD training run (one member) at the defaults of
    ``python -m studies.score_error`` (``train.train_steps`` steps), including its Direct CD pool build.
@@ -16,15 +17,14 @@ import time
 
 import torch
 
-from odecm.grids import make_grid
-from odecm.schedules import make_schedule
+from studies.cells import make_world_schedule
 from toys.ensemble import Route, TargetPool, make_ensemble_student, train_ensemble
 from toys.gmm import make_preset
 
 
 def score_rate(batch: int = 1_000_000, repeats: int = 3) -> float:
     gmm = make_preset("ring8")
-    sch = make_schedule("sdxl")
+    sch = make_world_schedule("sdxl", timestep_offset=1)  # the studies' schedule (paper indexing)
     x = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(500.0)
     gmm.score(x, t, sch)  # warm-up
@@ -37,43 +37,46 @@ def score_rate(batch: int = 1_000_000, repeats: int = 3) -> float:
 
 
 def _setup():
+    """The world of ``python -m studies.score_error`` at its defaults (``studies.score_error_world.World``: SDXL's
+    schedule in the paper's indexing, the skip grid, exact ring8 teacher) and the pool seed of run seed 0."""
     from studies.score_error import ScoreErrorConfig
+    from studies.score_error_world import World
 
     cfg = ScoreErrorConfig()
-    gmm = make_preset(cfg.preset)
-    sch = make_schedule(cfg.schedule)
-    grid = make_grid(cfg.grid, sch, cfg.grid_size)
-    teacher = gmm.exact_denoiser(sch)
-    sample = lambda n, g: gmm.sample_p0(n, g)[0]  # noqa: E731
-    return cfg, sch, grid, teacher, sample
+    world = World(cfg)
+    return cfg, world, cfg.seeding.seed_for("pool", 0)
+
+
+def _student(cfg, world, seeds):
+    return make_ensemble_student(cfg.network, world.schedule, seeds, boundary=cfg.boundary, t_min=world.t_0)
 
 
 def ensemble_speedup(members: int, steps: int) -> dict[str, dict[str, float]]:
-    cfg, sch, grid, teacher, sample = _setup()
-    pool = TargetPool.build(teacher, "ddim", grid, sch, sample, cfg.train.pool_size, cfg.train.pool_seed)
+    cfg, world, pool_seed = _setup()
+    teacher, sch, grid, sample = world.true_den, world.schedule, world.grid, world.sample_data
+    pool = TargetPool.build(teacher, "ddim", grid, sch, sample, cfg.train.pool_size, pool_seed)
     route = Route(teacher, "ddim", pool)
     out = {}
     for method in ("cd", "direct_cd"):
         tc = cfg.train.model_copy(update={"method": method, "train_steps": steps})
-        st = make_ensemble_student(cfg.network, sch, list(range(members)), boundary=cfg.boundary)
-        ens = train_ensemble(tc, st, route, grid, sample, progress=False).seconds
-        seq = 0.0
-        for seed in range(members):
-            st = make_ensemble_student(cfg.network, sch, [seed], boundary=cfg.boundary)
-            seq += train_ensemble(tc, st, route, grid, sample, progress=False).seconds
+        ens = train_ensemble(tc, _student(cfg, world, list(range(members))), route, grid, sample,
+                             progress=False).seconds
+        seq = sum(train_ensemble(tc, _student(cfg, world, [seed]), route, grid, sample, progress=False).seconds
+                  for seed in range(members))
         out[method] = {"ensemble_s": ens, "sequential_s": seq, "speedup": seq / ens}
     return out
 
 
 def full_runs() -> dict[str, float]:
-    cfg, sch, grid, teacher, sample = _setup()
+    cfg, world, pool_seed = _setup()
+    teacher, sch, grid, sample = world.true_den, world.schedule, world.grid, world.sample_data
     t0 = time.perf_counter()
-    pool = TargetPool.build(teacher, "ddim", grid, sch, sample, cfg.train.pool_size, cfg.train.pool_seed)
+    pool = TargetPool.build(teacher, "ddim", grid, sch, sample, cfg.train.pool_size, pool_seed)
     out = {"pool_build_s": time.perf_counter() - t0, "steps": cfg.train.train_steps}
     for method in ("cd", "direct_cd"):
-        st = make_ensemble_student(cfg.network, sch, [0], boundary=cfg.boundary)
         tc = cfg.train.model_copy(update={"method": method})
-        out[f"{method}_s"] = train_ensemble(tc, st, Route(teacher, "ddim", pool), grid, sample, progress=False).seconds
+        out[f"{method}_s"] = train_ensemble(tc, _student(cfg, world, [0]), Route(teacher, "ddim", pool), grid, sample,
+                                            progress=False).seconds
     return out
 
 

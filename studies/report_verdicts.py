@@ -271,6 +271,15 @@ def _comparison(r: dict | None, v: RegimeVerdict, q: str, e_key: str, quick: boo
                       converged=r.get("converged"), quick=quick or v.quick, e_key=e_key)
 
 
+def _counted(regimes: list[dict]) -> tuple[list[dict], list[str]]:
+    """The regimes a correction counts, and a note on those it does not: a regime marked ``"reference": true``
+    (paradox_map's k = 1 cells: CD compared with itself, difference 0 by construction) is never a comparison."""
+    reference = [r for r in regimes if r.get("reference")]
+    note = ([f"reference cells (CD compared with itself by construction), not counted: "
+             f"{', '.join(display_name(r) for r in reference)}"] if reference else [])
+    return [r for r in regimes if not r.get("reference")], note
+
+
 def _recompute(regs: list[dict], q: str, e_key: str, higher: Iterable[str], quick: bool, include_quick: bool,
                alpha: float, method: str) -> tuple[VerdictSet, list[Comparison], list[str]]:
     inputs, uncompared, by_label = [], [], {}
@@ -373,6 +382,7 @@ def study_verdicts(st: StudyResult, include_quick: bool = False, alpha: float = 
     if not q or not regimes:
         return None
     kept, merged = merge_regimes(regimes, st.metrics.get("merged"), equivalent)
+    kept, reference = _counted(kept)
     budget, source = st.budget()
     base = dict(study=st.name, quality_key=q, quality_label=st.quality_label if q == st.quality_key else q,
                 e_key=e_key, merged=merged, quick=st.quick, budget=_budget_text(budget, source))
@@ -391,7 +401,7 @@ def study_verdicts(st: StudyResult, include_quick: bool = False, alpha: float = 
     else:
         (vs, comps, uncompared), src = got, "study"
     return StudyVerdicts(comparisons=comps, correction=vs.method, alpha=vs.alpha, num_comparisons=vs.num_comparisons,
-                         source=src, note=note, uncompared=uncompared, **base)
+                         source=src, note=note, uncompared=uncompared + reference, **base)
 
 
 def secondary_verdicts(st: StudyResult, primary: StudyVerdicts, include_quick: bool = False, alpha: float = 0.05,
@@ -423,7 +433,7 @@ def regime_verdicts(study: dict, quality_key: str | None = None, e_key: str = "E
     q = quality_key or (study.get("quality") or {}).get("key")
     if not q:
         return []
-    kept, _ = merge_regimes(study.get("regimes") or [], study.get("merged"))
+    kept, _ = _counted(merge_regimes(study.get("regimes") or [], study.get("merged"))[0])
     _, comps, _ = _recompute(kept, q, e_key, study.get("higher_is_better") or [], bool(study.get("quick")),
                              include_quick, alpha, method)
     return comps

@@ -251,7 +251,9 @@ def plot_metrics(path, metrics: dict, cfg) -> list:
     import matplotlib.ticker
 
     regimes = [r for r in metrics["regimes"] if r["params"]["init"] == cfg.inits[0]]
-    keys = [k for k in PLOT_KEYS if any(k in r["methods"].get("cd", {}) for r in regimes)]
+    keys = [k for k in PLOT_KEYS if any(k in m for r in regimes for m in r["methods"].values())]
+    if not keys:
+        return []
     ncols = 4
     nrows = math.ceil(len(keys) / ncols)
     fig, axes = plotting.new_figure(nrows, ncols, size=(3.3, 2.8))

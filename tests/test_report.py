@@ -254,6 +254,27 @@ def test_inconsistent_study_verdicts_are_recomputed(tmp_path):
     assert [c.verdict() for c in sv.comparisons] == ["tie"]
 
 
+def test_reference_cells_are_never_counted(tmp_path):
+    """paradox_map's k = 1 cells compare CD with itself ("reference": true): recomputed verdicts (here the p_0
+    question, which the report always recomputes) leave them out of the comparisons and of the correction."""
+    moderate = [0.2, 0.7, 0.4, 0.8, 0.1, 0.3]  # t = 3.66, p = 0.015
+    cell = {"label": "k=2", "params": {"k": 2}, "methods": {
+        "cd": {"E": stat([1 + x for x in moderate]), "w2_p0": stat([0.1] * 6)},
+        "direct_cd": {"E": stat([1.0] * 6), "w2_p0": stat([0.1 + x for x in moderate])}}}
+    same = {"E": stat([1.0 + w for w in WOBBLE]), "w2_p0": stat([0.1 + w for w in WOBBLE])}
+    ref = {"label": "k=1", "params": {"k": 1}, "reference": True, "methods": {"cd": same, "direct_cd": same}}
+    metrics = {"quality": {"key": "w2_p0"}, "regimes": [ref, cell]}
+    (c,) = regime_verdicts(metrics)
+    assert c.key == "k=2" and c.verdict() == "paradox" and c.level == pytest.approx(0.95)
+    sv = study_verdicts(report.StudyResult("paradox_map", Path("."), metrics, "", []))
+    assert [x.key for x in sv.comparisons] == ["k=2"] and sv.num_comparisons == 1 and sv.source == "recomputed"
+    assert any("reference cells" in u and "k=1" in u for u in sv.uncompared), sv.uncompared
+    # without the mark the same regime is counted: two comparisons, the cell's interval at Holm's 97.5%
+    unmarked = {**metrics, "regimes": [{**ref, "reference": False}, cell]}
+    counted = study_verdicts(report.StudyResult("paradox_map", Path("."), unmarked, "", []))
+    assert counted.num_comparisons == 2 and counted.comparisons[1].level == pytest.approx(0.975)
+
+
 # --- the report on synthetic folders -----------------------------------------------------------------------------
 
 def test_summary_counts_and_states_intervals_and_budget(built):

@@ -28,11 +28,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 from einops import rearrange
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
 from odecm.config import StrictModel
@@ -95,9 +96,26 @@ class TrainConfig(StrictModel):
     index_scheme: Literal["per_sample", "shared"] = Field(
         "per_sample", description="n drawing for data='fresh' (pool rows always carry per-sample n)")
     data: Literal["pool", "fresh"] = Field("pool", description="pool: rows of a TargetPool; fresh: new samples")
-    pool_size: int = Field(131072, ge=1)
-    pool_seed: int = 12345
+    pool_size: int = Field(131072, ge=1, description="rows of each Direct CD target pool (TargetPool.build); "
+                                                     "its seed is the caller's (studies: studies.seeding 'pool')")
     log_every: int = Field(50, ge=1)
+
+    #: the old default of the removed ``pool_seed`` (recorded, never read, in the studies' config.json files)
+    _LEGACY_POOL_SEED: ClassVar[int] = 12345
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_pool_seed(cls, data: Any) -> Any:
+        """``pool_seed`` is gone (pools take their seed from the caller: ``TargetPool.build(..., seed)``; the
+        studies derive it from ``studies.seeding``). A replayed config.json still holds its unused default;
+        that is dropped, any other value is refused."""
+        if isinstance(data, dict) and "pool_seed" in data:
+            if data["pool_seed"] != cls._LEGACY_POOL_SEED:
+                raise PydanticCustomError(
+                    "removed_key", "pool_seed was removed: pool seeds come from the run seed (studies.seeding 'pool' "
+                    "source); hold them fixed with seeding.hold_fixed=[pool] and seeding.fixed_seed")
+            data = {k: v for k, v in data.items() if k != "pool_seed"}
+        return data
 
     @field_validator("lr")
     @classmethod
