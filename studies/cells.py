@@ -28,12 +28,13 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from odecm.config import SolverName, StrictModel
 from odecm.grids import make_grid
 from odecm.metrics import per_sample_sq_error
-from odecm.schedules import NoiseSchedule, make_schedule
+from odecm.schedules import DiscreteSchedule, NoiseSchedule, make_schedule
 from odecm.solvers import solve
 from toys.ensemble import (EnsembleStudent, Route, TargetPool, TrainConfig, init_from_teacher, make_ensemble_student,
                            train_ensemble)
@@ -47,10 +48,11 @@ from .seeding import SeedConfig
 Tensor = torch.Tensor
 
 __all__ = [
-    "DataConfig", "WorldConfig", "EvalConfig", "World", "build_world", "make_world_schedule", "EvalSet",
+    "DataConfig", "WorldConfig", "EvalConfig", "World", "build_world", "make_world_schedule", "grid_problem",
+    "check_grid", "EvalSet",
     "make_eval_set", "EvalCache", "build_pools", "train_cell", "evaluate_members", "errors_only", "member_metrics",
     "collect", "teacher_metrics", "world_floor", "markdown_table", "run_study", "write_outputs", "QUALITY_KEYS",
-    "PER_SAMPLE_KEYS", "log", "CellResult", "cell_methods", "run_cell", "spectra", "one_step_outputs",
+    "PER_SAMPLE_KEYS", "CURVE_KEYS", "log", "CellResult", "cell_methods", "run_cell", "spectra", "one_step_outputs",
     # from studies.cells_report
     "budget_line", "merged_note", "floor_line", "verdict_table",
 ]
@@ -60,6 +62,8 @@ QUALITY_KEYS = ("w2", "sliced_w2", "mmd2", "precision", "recall", "modes_covered
                 "nll", "variance_ratio")
 #: per-sample terms bootstrapped over evaluation samples
 PER_SAMPLE_KEYS = ("E", "E_exact", "nll", "precision", "mode_precision")
+#: the metrics ``curves.keys`` may keep along training (``run_cell``)
+CURVE_KEYS = ("E", "E_exact", *QUALITY_KEYS)
 
 
 class DataConfig(StrictModel):
@@ -71,11 +75,52 @@ class DataConfig(StrictModel):
     n_modes: int | None = Field(None, ge=1, description="modes of the 'random' preset (default 8)")
     seed: int = 0
 
+    @field_validator("n_modes")
+    @classmethod
+    def _modes_of_random_only(cls, v: int | None, info: ValidationInfo) -> int | None:
+        preset = info.data.get("preset")
+        if v is not None and preset is not None and preset != "random":
+            raise PydanticCustomError("random_only", f"applies to preset 'random' only (preset={preset!r}); "
+                                                     "allowed here: null")
+        return v
+
     def build(self) -> GaussianMixture:
         kw = {"n_modes": self.n_modes} if (self.preset == "random" and self.n_modes) else {}
-        if self.n_modes and self.preset != "random":
-            raise ValueError(f"data.n_modes applies to preset 'random' only (got preset={self.preset!r})")
         return make_preset(self.preset, self.dim, embed=self.embed, seed=self.seed, **kw)
+
+
+def make_world_schedule(name: str, timestep_offset: int = 1) -> NoiseSchedule:
+    """``make_schedule(name)``; the discrete ``sdxl`` schedule takes the indexing ``timestep_offset``."""
+    return make_schedule(name, timestep_offset=timestep_offset) if name == "sdxl" else make_schedule(name)
+
+
+def grid_problem(grid: str, schedule: str, grid_size: int | None = None, timestep_offset: int = 1) -> str | None:
+    """Why ``grid`` (with ``grid_size`` = N intervals) cannot be built on ``schedule``, or None when it can.
+
+    The skip grid ``t_n = n T/N - 1 + offset`` needs a discrete schedule and N | T (its T training timesteps;
+    1000 for ``sdxl``); ``uniform`` and ``karras`` work on every schedule."""
+    if grid != "skip":
+        return None
+    sch = make_world_schedule(schedule, timestep_offset)
+    if not isinstance(sch, DiscreteSchedule):
+        return (f"grid='skip' needs a discrete schedule (the LCM / paper grid of timesteps), got "
+                f"schedule={schedule!r}; allowed: schedule 'sdxl', or grid 'uniform' / 'karras'")
+    T = sch.num_train_timesteps
+    if grid_size is not None and T % grid_size:
+        examples = ", ".join(str(n) for n in (10, 20, 25, 50, 100) if T % n == 0)
+        return (f"grid_size={grid_size} must divide {T} (the skip grid of schedule {schedule!r} steps T/N of its "
+                f"T = {T} timesteps); allowed: a divisor of {T}" + (f" such as {examples}" if examples else ""))
+    return None
+
+
+def check_grid(grid: str, schedule: str | None, grid_size: int | None = None, timestep_offset: int | None = 1) -> None:
+    """``grid_problem`` as a pydantic validation error (for field validators); None values (fields that
+    failed their own checks) are skipped."""
+    if schedule is None or timestep_offset is None:
+        return
+    problem = grid_problem(grid, schedule, grid_size, timestep_offset)
+    if problem:
+        raise PydanticCustomError("grid", problem)
 
 
 class WorldConfig(StrictModel):
@@ -88,10 +133,24 @@ class WorldConfig(StrictModel):
     schedule: Literal["vp", "vp_cosine", "ve", "edm", "sdxl"] = "sdxl"
     timestep_offset: Literal[0, 1] = Field(1, description="discrete schedules: 1 = the paper's indexing (grid ends "
                                                           "at clean data), 0 = diffusers' (ends at timestep 0)")
-    grid: Literal["uniform", "karras", "skip"] = "skip"
+    grid: Literal["uniform", "karras", "skip"] = Field("skip", validate_default=True)
     solver: SolverName = "ddim"
-    grid_size: int = Field(20, ge=1, description="N, the number of grid intervals")
+    grid_size: int = Field(20, ge=1, validate_default=True,
+                           description="N, the number of grid intervals (skip grid: N | 1000)")
     boundary: Literal["lcm", "edm"] = "lcm"
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_fits_schedule(cls, v: str, info: ValidationInfo) -> str:
+        check_grid(v, info.data.get("schedule"), None, info.data.get("timestep_offset"))
+        return v
+
+    @field_validator("grid_size")
+    @classmethod
+    def _grid_size_fits_grid(cls, v: int, info: ValidationInfo) -> int:
+        if "grid" in info.data:
+            check_grid(info.data["grid"], info.data.get("schedule"), v, info.data.get("timestep_offset"))
+        return v
 
 
 class EvalConfig(StrictModel):
@@ -102,11 +161,6 @@ class EvalConfig(StrictModel):
     n_resamples: int = Field(1000, ge=100, description="bootstrap resamples over evaluation samples")
     convergence_check: bool = Field(True, description="also evaluate E at half the budget (convergence flag)")
     seed: int = Field(777, description="seed of the floor draws and metric subsampling")
-
-
-def make_world_schedule(name: str, timestep_offset: int = 1) -> NoiseSchedule:
-    """``make_schedule(name)``; the discrete ``sdxl`` schedule takes the indexing ``timestep_offset``."""
-    return make_schedule(name, timestep_offset=timestep_offset) if name == "sdxl" else make_schedule(name)
 
 
 @dataclass
@@ -131,11 +185,12 @@ class World:
 
 
 def build_world(data: DataConfig, world: WorldConfig, solver: str | None = None, grid_size: int | None = None) -> World:
-    """The world of ``data`` and ``world`` (``solver`` / ``grid_size`` override the config's)."""
+    """The world of ``data`` and ``world`` (``solver`` / ``grid_size``, when given, replace the config's)."""
     gmm = data.build()
     schedule = make_world_schedule(world.schedule, world.timestep_offset)
-    grid = make_grid(world.grid, schedule, grid_size or world.grid_size)
-    return World(gmm, schedule, grid, solver or world.solver, world.boundary, gmm.exact_denoiser(schedule))
+    grid = make_grid(world.grid, schedule, world.grid_size if grid_size is None else grid_size)
+    return World(gmm, schedule, grid, world.solver if solver is None else solver, world.boundary,
+                 gmm.exact_denoiser(schedule))
 
 
 @dataclass

@@ -5,9 +5,13 @@
   ``--quick`` (the study's reduced sweep, a smoke run), ``--out DIR`` (default
   ``results/<study>/<timestamp>``; a folder holding results is refused unless ``--overwrite``),
   ``--threads N`` (torch intra-op threads, N >= 1), ``--no-progress``. ``parse_args`` + ``resolve_config``.
-* Config: pydantic models via ``odecm.config`` — defaults <- quick preset <- file <- ``--set``;
-  unknown keys / bad values raise ``odecm.config.ConfigError`` naming the key and the allowed values;
-  ``odecm.cli.run_main`` prints them as one line each, without a traceback.
+* Config: pydantic models via ``odecm.config``, layered in this order (each layer merged key by key into
+  the one before): the study's defaults -> ``--config`` file -> quick preset (with ``--quick``) -> ``--set``.
+  So ``--quick --config FILE`` is always a smoke run, and ``--set`` always has the last word. Every check
+  lives in the config models (field constraints and validators), so unknown keys / bad values raise
+  ``odecm.config.ConfigError`` naming the key, the value and what is allowed before any folder is made;
+  ``odecm.cli.run_main`` prints them as one line each, without a traceback. ``distinct`` is the shared
+  rule of the studies' lists (non-empty, no value twice).
 * Results folder: ``config.json`` (the fully resolved config plus ``_provenance``), ``metrics.json``,
   ``table.md`` (also printed), plots (matplotlib, Agg backend).
 * Statistics over seeds: ``stat(values) -> {"mean", "std", "values"}`` (std with ddof = 1) and
@@ -24,18 +28,22 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 from pydantic import BaseModel
+from pydantic_core import PydanticCustomError
 
-from odecm.cli import InputError, add_config_args, config_from_args, positive_int, provenance
-from odecm.config import ConfigError
+from odecm.cli import InputError, add_config_args, config_from_args, overrides_from, positive_int, provenance
+from odecm.config import ConfigError, load_config, read_config_file
 
 __all__ = [
     "parse_args",
     "resolve_config",
+    "QuickPreset",
+    "distinct",
+    "check_study_train",
     "results_folder",
     "save_config",
     "open_output",
@@ -80,15 +88,55 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_config(model: type[M], args: argparse.Namespace, quick: dict[str, Any] | None = None) -> M:
-    """The study's defaults <- ``quick`` (when ``--quick``) <- ``--config`` file <- ``--set`` overrides,
-    validated. Every layer is merged key by key into the study's own defaults (``model()``), so
-    ``--set train.lr=1e-3`` changes the learning rate and keeps the study's other ``train`` values
-    (not the class defaults of ``TrainConfig``)."""
+#: a quick preset: a dict of overrides, or a function of the configured run returning one
+QuickPreset = Union[Mapping[str, Any], Callable[[Any], Mapping[str, Any]]]
+
+
+def resolve_config(model: type[M], args: argparse.Namespace, quick: QuickPreset | None = None) -> M:
+    """The study's defaults -> ``--config`` file -> ``quick`` (with ``--quick``) -> ``--set`` overrides, validated.
+
+    Every layer is merged key by key into the one before, starting from the study's own defaults
+    (``model()``), so ``--set train.lr=1e-3`` changes the learning rate and keeps the study's other
+    ``train`` values (not the class defaults of ``TrainConfig``), and the quick preset overrides what a
+    config file sets (``--quick --config FILE`` is a smoke version of that file's run). ``quick`` may be a
+    function of the configured run (defaults, file and ``--set``, validated without the preset), e.g. the
+    first and last value of each axis of the configured map; ``--set`` is applied after it either way."""
     base = model().model_dump(mode="json")
-    if getattr(args, "quick", False):
-        base = _deep_merge(base, dict(quick or {}))
-    return config_from_args(model, args, base=base)
+    if not getattr(args, "quick", False) or quick is None:
+        return config_from_args(model, args, base=base)
+    if callable(quick):
+        quick = quick(config_from_args(model, args, base=base))
+    path = getattr(args, "config", None)
+    layered = _deep_merge(base, read_config_file(path)) if path is not None else base
+    return load_config(model, None, overrides_from(args), base=_deep_merge(layered, dict(quick)))
+
+
+def distinct(values: Sequence[Any]) -> Sequence[Any]:
+    """The rule of a study's lists (seeds, budgets, grid sizes, ...): non-empty, no value twice. For a pydantic
+    field validator: the error names the repeated values and what is allowed."""
+    if not values:
+        raise PydanticCustomError("empty_list", "must be non-empty")
+    twice: list[Any] = []
+    for i, v in enumerate(values):
+        if v in values[:i] and v not in twice:
+            twice.append(v)
+    if twice:
+        shown = ", ".join(map(repr, twice))
+        raise PydanticCustomError("listed_twice", f"{shown} listed twice; allowed: distinct values")
+    return values
+
+
+def check_study_train(train: Any) -> Any:
+    """A study's ``train`` block (``toys.ensemble.TrainConfig``): the study trains CD and Direct CD itself (the
+    method of each student), so ``method`` / ``k`` / ``direct_first_steps`` keep their defaults instead of
+    being silently replaced. For a pydantic field validator."""
+    given = {k: getattr(train, k) for k, default in (("method", "cd"), ("k", None), ("direct_first_steps", 0))
+             if getattr(train, k) != default}
+    if given:
+        shown = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise PydanticCustomError("set_by_the_study", f"{shown}: the study sets the method of each student (CD and "
+                                  "Direct CD); allowed: the defaults method 'cd', k null, direct_first_steps 0")
+    return train
 
 
 def results_folder(study: str, args: argparse.Namespace | None = None, out: str | Path | None = None,

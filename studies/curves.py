@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from odecm.config import StrictModel
 
@@ -29,7 +30,7 @@ from . import plotting
 from .common import stat
 from .evidence import CONVERGENCE_TOL, converged_flags
 
-__all__ = ["CurveConfig", "CurveRecorder", "check_curve_budget", "plot_curves", "half_index"]
+__all__ = ["CurveConfig", "CurveRecorder", "check_curve_budget", "check_curve_keys", "plot_curves", "half_index"]
 
 
 class CurveConfig(StrictModel):
@@ -63,6 +64,18 @@ def check_curve_budget(curves: CurveConfig, train) -> None:
         problems.append(f"curves.steps[0]={curves.steps[0]} must exceed train.warmup_steps={train.warmup_steps}")
     if problems:
         raise ValueError("curves.enabled: " + "; ".join(problems))
+
+
+def check_curve_keys(curves: CurveConfig, allowed: Sequence[str]) -> CurveConfig:
+    """``curves.keys`` must be metrics the study evaluates along training (an unknown key would give an
+    empty panel). For a pydantic field validator of a study's ``curves``."""
+    unknown = [k for k in curves.keys if k not in allowed]
+    if unknown:
+        raise PydanticCustomError("curve_keys",
+                                  f"keys {unknown} are not evaluated along training; allowed: {list(allowed)}")
+    if len(set(curves.keys)) != len(curves.keys):
+        raise PydanticCustomError("curve_keys", f"keys {curves.keys}: a key listed twice; allowed: distinct keys")
+    return curves
 
 
 def half_index(steps: Sequence[int], i: int) -> int | None:

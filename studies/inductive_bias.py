@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from odecm.cli import run_main
 from odecm.config import StrictModel
@@ -35,12 +36,14 @@ from toys.networks import NetworkConfig
 
 from . import cells, common, evidence, plotting
 from .cells import DataConfig, EvalConfig, WorldConfig
-from .curves import CurveConfig, check_curve_budget, plot_curves
+from .curves import CurveConfig, check_curve_budget, check_curve_keys, plot_curves
 from .seeding import SeedConfig
 
 STUDY = "inductive_bias"
 Sweep = Literal["capacity", "budget", "target", "dimension"]
 TABLE_KEYS = ("E", "E_exact", "w2", "mmd2", "modes_covered", "variance_ratio", "final_loss")
+#: the list each sweep runs over
+SWEPT_LISTS = {"capacity": "capacity", "budget": "budgets", "target": "ema_rates", "dimension": "dims"}
 
 
 class InductiveBiasConfig(StrictModel):
@@ -54,11 +57,15 @@ class InductiveBiasConfig(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     seeding: SeedConfig = SeedConfig()
     sweeps: list[Sweep] = Field(default_factory=lambda: ["capacity", "budget", "target", "dimension"])
-    capacity: list[tuple[int, int]] = Field(default_factory=lambda: [(16, 3), (64, 3), (256, 3), (64, 1), (64, 5)],
-                                            description="(width, depth) pairs")
-    budgets: list[int] = Field(default_factory=lambda: [500, 1500, 5000])
-    ema_rates: list[float] = Field(default_factory=lambda: [0.0, 0.9, 0.99, 0.999])
-    dims: list[int] = Field(default_factory=lambda: [2, 16, 64])
+    capacity: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] = Field(
+        default_factory=lambda: [(16, 3), (64, 3), (256, 3), (64, 1), (64, 5)],
+        description="(width, depth) pairs, each >= 1")
+    budgets: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 1500, 5000],
+                                                       description="training steps, each >= 1")
+    ema_rates: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.9, 0.99, 0.999], description="CD target EMA rates mu in [0, 1) (0 = stop-grad)")
+    dims: list[Annotated[int, Field(ge=2)]] = Field(default_factory=lambda: [2, 16, 64],
+                                                    description="data dimensions, each >= 2")
     dim_preset: Literal["ring8", "grid25", "twoscale", "imbalanced", "aniso", "random"] = "random"
     dim_modes: int = Field(32, ge=1, description="modes of the 'random' preset in the dimension sweep")
     init_steps: int = Field(0, ge=0, description="teacher-matching warm start before distillation (0 = random init)")
@@ -66,10 +73,35 @@ class InductiveBiasConfig(StrictModel):
     threads: int | None = Field(1, ge=1, description="torch threads (small MLPs: 1 is fastest on shared cores)")
     progress: bool = False
 
+    @field_validator("seeds", "sweeps")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        return common.distinct(v)
+
+    @field_validator("capacity", "budgets", "ema_rates", "dims")
+    @classmethod
+    def _no_value_twice(cls, v: list) -> list:
+        return common.distinct(v) if v else v  # non-empty when swept: checked below
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: TrainConfig) -> TrainConfig:
+        return common.check_study_train(v)
+
+    @field_validator("curves")
+    @classmethod
+    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
+        return check_curve_keys(v, cells.CURVE_KEYS)
+
     @model_validator(mode="after")
     def _check(self):
-        if not self.seeds:
-            raise ValueError("seeds must be non-empty")
+        for sweep, key in SWEPT_LISTS.items():
+            if sweep in self.sweeps and not getattr(self, key):
+                raise PydanticCustomError("empty_list", f"{key} must be non-empty: sweeps includes {sweep!r}")
+        if self.curves.enabled and "budget" in self.sweeps:
+            raise PydanticCustomError("curves_budget", "sweeps: 'budget' with curves.enabled: the curves already hold "
+                                      "every budget up to train.train_steps; allowed: drop 'budget' from sweeps, or "
+                                      "curves.enabled=false")
         check_curve_budget(self.curves, self.train)
         return self
 

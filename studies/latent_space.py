@@ -24,11 +24,11 @@ per (decoder, budget) regime the verdict compares E with decoded FD, corrected a
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from odecm.cli import run_main
 from odecm.config import StrictModel
@@ -39,7 +39,7 @@ from toys.networks import NetworkConfig
 
 from . import cells, common, evidence, plotting
 from .cells import DataConfig, EvalConfig, WorldConfig
-from .curves import CurveConfig, check_curve_budget, plot_curves
+from .curves import CurveConfig, check_curve_budget, check_curve_keys, plot_curves
 from .seeding import SeedConfig
 
 STUDY = "latent_space"
@@ -72,7 +72,7 @@ class LatentSpaceConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     seeding: SeedConfig = SeedConfig()
-    budgets: list[int] = Field(default_factory=lambda: [500, 1500],
+    budgets: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 1500],
                                description="training steps; each budget is a full run (more students "
                                            "for the E-vs-quality correlation)")
     decoders: list[DecoderSpec] = Field(default_factory=lambda: [
@@ -83,10 +83,29 @@ class LatentSpaceConfig(StrictModel):
     threads: int | None = Field(1, ge=1)
     progress: bool = False
 
+    @field_validator("seeds", "budgets")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        return common.distinct(v)
+
+    @field_validator("decoders")
+    @classmethod
+    def _distinct_decoders(cls, v: list[DecoderSpec]) -> list[DecoderSpec]:
+        common.distinct([d.name for d in v])  # results are keyed by decoder name
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: TrainConfig) -> TrainConfig:
+        return common.check_study_train(v)
+
+    @field_validator("curves")
+    @classmethod
+    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
+        return check_curve_keys(v, cells.CURVE_KEYS)
+
     @model_validator(mode="after")
     def _check(self):
-        if not self.seeds or not self.budgets or not self.decoders:
-            raise ValueError("seeds, budgets and decoders must be non-empty")
         if self.curves.enabled and self.budgets != [self.train.train_steps]:
             raise ValueError(f"curves.enabled: set budgets=[{self.train.train_steps}] (the curve holds every budget)")
         check_curve_budget(self.curves, self.train)

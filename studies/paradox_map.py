@@ -41,8 +41,8 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from odecm.cli import overrides_from, run_main
-from odecm.config import StrictModel, load_config
+from odecm.cli import run_main
+from odecm.config import StrictModel
 from toys.ensemble import TrainConfig
 from toys.networks import NetworkConfig
 
@@ -102,6 +102,12 @@ class TeacherFamily(StrictModel):
                                      "fixed); a learned teacher's training seed is the run seed's 'teacher' source")
     width: int = Field(64, ge=1, description="learned teacher width")
     depth: int = Field(3, ge=1, description="learned teacher depth")
+
+    @model_validator(mode="after")
+    def _knob_of_its_kind(self):
+        if self.kind == "exact" and self.knob != 0:
+            raise ValueError(f"knob={self.knob}: the exact teacher has no knob; allowed with kind 'exact': 0")
+        return self
 
 
 class MapEval(StrictModel):
@@ -206,17 +212,9 @@ def quick_overrides(cfg: ParadoxMapConfig) -> dict[str, Any]:
 
 
 def resolve(args) -> ParadoxMapConfig:
-    """The study's defaults <- ``--config`` file <- ``quick_overrides`` (with ``--quick``) <- ``--set``, each layer
-    merged key by key into the study's own nested defaults (``studies.common.resolve_config``'s rule)."""
-    defaults = ParadoxMapConfig().model_dump(mode="json")
-    overrides = overrides_from(args)
-    cfg = load_config(ParadoxMapConfig, args.config, overrides, base=defaults)  # every key checked here
-    if getattr(args, "quick", False):
-        base = load_config(ParadoxMapConfig, args.config, base=defaults).model_dump(mode="json")
-        for key, value in quick_overrides(cfg).items():
-            base[key] = {**base[key], **value} if key in ("train", "eval") else value
-        cfg = load_config(ParadoxMapConfig, None, overrides, base=base)
-    return cfg
+    """``studies.common.resolve_config`` with ``quick_overrides``: the study's defaults -> ``--config`` file ->
+    the smoke version of the configured map (with ``--quick``) -> ``--set``."""
+    return common.resolve_config(ParadoxMapConfig, args, quick=quick_overrides)
 
 
 def run(cfg: ParadoxMapConfig, out_dir=None, progress: bool | None = None, argv: Sequence[str] | None = None) -> dict:

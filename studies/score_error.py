@@ -39,7 +39,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
 from odecm.cli import run_main
@@ -48,14 +49,17 @@ from toys.ensemble import Route, TrainConfig, init_from_teacher, make_ensemble_s
 from toys.networks import NetworkConfig
 
 from . import common, evidence
-from .cells import log
-from .curves import CurveConfig, CurveRecorder, check_curve_budget
+from .cells import check_grid, log
+from .curves import CurveConfig, CurveRecorder, check_curve_budget, check_curve_keys
 from .score_error_world import (PRIMARY, QUALITY_KEYS, SECONDARY, TEACHER_QUALITY_KEYS, SeedData,  # noqa: F401
                                 TeacherWorld, World, curve_eval, errors, member_row, quality, teacher_ode)
 from .seeding import SeedConfig
 
 Tensor = torch.Tensor
 STUDY = "score_error"
+#: the metrics ``curves.keys`` may keep along training (``score_error_world.curve_eval``)
+CURVE_KEYS = ("E_solver", "E_teacher_ode", "E_true_ode", "w2_p0", "mmd2_p0", "w2_teacher", "mmd2_teacher",
+              "mech_correlation")
 
 
 class TeacherSpec(StrictModel):
@@ -68,6 +72,16 @@ class TeacherSpec(StrictModel):
     delta: float | None = Field(None, ge=0, description="wrong_gmm / nonconservative size")
     budget: int | None = Field(None, ge=0, description="learned: DSM training steps")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _knob_of_its_kind(self):
+        if self.delta is not None and self.kind not in ("wrong_gmm", "nonconservative"):
+            raise PydanticCustomError("knob", f"delta={self.delta} applies to kinds 'wrong_gmm' / 'nonconservative' "
+                                              f"only (kind={self.kind!r}); allowed here: null")
+        if self.budget is not None and self.kind != "learned":
+            raise PydanticCustomError("knob", f"budget={self.budget} applies to kind 'learned' only "
+                                              f"(kind={self.kind!r}); allowed here: null")
+        return self
 
     @property
     def family(self) -> str:
@@ -106,8 +120,8 @@ class ScoreErrorConfig(StrictModel):
     schedule: Literal["sdxl", "vp", "vp_cosine", "edm"] = "sdxl"
     timestep_offset: Literal[0, 1] = Field(1, description="sdxl: 1 = the paper's indexing (grid ends at clean "
                                                           "data), 0 = diffusers' (ends at timestep 0)")
-    grid: Literal["skip", "uniform", "karras"] = "skip"
-    grid_size: int = Field(20, ge=1, description="N grid intervals (skip needs N | 1000)")
+    grid: Literal["skip", "uniform", "karras"] = Field("skip", validate_default=True)
+    grid_size: int = Field(20, ge=1, validate_default=True, description="N grid intervals (skip needs N | 1000)")
     boundary: Literal["lcm", "edm"] = "lcm"
     teachers: list[TeacherSpec] = Field(default_factory=lambda: [
         TeacherSpec(label="exact", kind="exact"),
@@ -130,15 +144,44 @@ class ScoreErrorConfig(StrictModel):
     threads: int = Field(1, ge=1, description="torch intra-op threads")
     plots: bool = True
 
+    @field_validator("grid")
+    @classmethod
+    def _grid_fits_schedule(cls, v: str, info: ValidationInfo) -> str:
+        check_grid(v, info.data.get("schedule"), None, info.data.get("timestep_offset"))
+        return v
+
+    @field_validator("grid_size")
+    @classmethod
+    def _grid_size_fits_grid(cls, v: int, info: ValidationInfo) -> int:
+        if "grid" in info.data:
+            check_grid(info.data["grid"], info.data.get("schedule"), v, info.data.get("timestep_offset"))
+        return v
+
+    @field_validator("methods", "solvers", "seeds", "inits")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        return common.distinct(v)
+
+    @field_validator("teachers")
+    @classmethod
+    def _distinct_labels(cls, v: list[TeacherSpec]) -> list[TeacherSpec]:
+        labels = [t.label for t in v]
+        if len(set(labels)) != len(labels):
+            raise PydanticCustomError("listed_twice", f"labels {labels}: a label listed twice; allowed: distinct labels")
+        return common.distinct(v)
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: TrainConfig) -> TrainConfig:
+        return common.check_study_train(v)
+
+    @field_validator("curves")
+    @classmethod
+    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
+        return check_curve_keys(v, CURVE_KEYS)
+
     @model_validator(mode="after")
     def _check(self):
-        labels = [t.label for t in self.teachers]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"teachers: labels must be unique, got {labels}")
-        if not self.teachers or not self.methods or not self.solvers or not self.seeds or not self.inits:
-            raise ValueError("teachers, methods, solvers, inits and seeds must be non-empty")
-        if len(set(self.solvers)) != len(self.solvers):
-            raise ValueError(f"solvers listed twice: {self.solvers}")
         check_curve_budget(self.curves, self.train)
         return self
 

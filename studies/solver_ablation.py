@@ -19,9 +19,10 @@ wins on E but not on E_exact, its better ODE solving is only better solving of t
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from odecm.cli import run_main
 from odecm.config import SolverName, StrictModel
@@ -29,8 +30,8 @@ from toys.ensemble import Route, TrainConfig
 from toys.networks import NetworkConfig
 
 from . import cells, common, evidence, plotting
-from .cells import DataConfig, EvalConfig, WorldConfig
-from .curves import CurveConfig, check_curve_budget, plot_curves
+from .cells import DataConfig, EvalConfig, WorldConfig, check_grid
+from .curves import CurveConfig, check_curve_budget, check_curve_keys, plot_curves
 from .seeding import SeedConfig
 
 STUDY = "solver_ablation"
@@ -50,16 +51,53 @@ class SolverAblationConfig(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     seeding: SeedConfig = SeedConfig()
     solvers: list[SolverName] = Field(default_factory=lambda: ["ddim", "euler_vp", "heun_vp"])
-    grid_sizes: list[int] = Field(default_factory=lambda: [10, 20, 50, 100], description="the N of each grid")
+    grid_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [10, 20, 50, 100], validate_default=True,
+        description="the N of each grid (>= 1, distinct; skip grid: N | 1000)")
     init_steps: int = Field(0, ge=0, description="teacher-matching warm start before distillation (0 = random init)")
     curves: CurveConfig = CurveConfig()
     threads: int | None = Field(1, ge=1)
     progress: bool = False
 
+    @field_validator("world")
+    @classmethod
+    def _world(cls, v: WorldConfig) -> WorldConfig:
+        unused = {k: getattr(v, k) for k, default in (("grid_size", 20), ("solver", "ddim"))
+                  if getattr(v, k) != default}
+        if unused:
+            shown = ", ".join(f"{k}={x!r}" for k, x in unused.items())
+            raise PydanticCustomError("set_by_the_study", f"{shown}: the ablation sets them from grid_sizes and "
+                                      "solvers; allowed: the defaults grid_size 20, solver 'ddim' (set grid_sizes / "
+                                      "solvers)")
+        return v
+
+    @field_validator("seeds", "solvers")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        return common.distinct(v)
+
+    @field_validator("grid_sizes")
+    @classmethod
+    def _grid_sizes(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        common.distinct(v)
+        world = info.data.get("world")
+        if world is not None:
+            for n in v:
+                check_grid(world.grid, world.schedule, n, world.timestep_offset)
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: TrainConfig) -> TrainConfig:
+        return common.check_study_train(v)
+
+    @field_validator("curves")
+    @classmethod
+    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
+        return check_curve_keys(v, cells.CURVE_KEYS)
+
     @model_validator(mode="after")
     def _check(self):
-        if not self.seeds or not self.solvers or not self.grid_sizes:
-            raise ValueError("seeds, solvers and grid_sizes must be non-empty")
         check_curve_budget(self.curves, self.train)
         return self
 

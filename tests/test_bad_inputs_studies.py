@@ -81,6 +81,16 @@ CASES = [
     ("se-config-file-missing", "score_error", None, ["--quick", *OUT, "--config", "{root}/nope.yaml"],
      "does not exist"),
     ("se-override-without-value", "score_error", None, Q + ["seeds"], "is not of the form key=value"),
+    ("se-skip-grid-continuous-schedule", "score_error", None, Q + ["schedule=vp"],
+     "grid: grid='skip' needs a discrete schedule"),
+    ("se-seed-twice", "score_error", None, Q + ["seeds=[0,0]"], "seeds: 0 listed twice; allowed: distinct values"),
+    ("se-train-method-set-by-study", "score_error", None, Q + ["train.method=direct_cd"],
+     "train: method='direct_cd': the study sets the method of each student"),
+    ("se-delta-on-exact-teacher", "score_error", None, Q + ["teachers=[{{label: e, kind: exact, delta: 0.3}}]"],
+     "teachers.0: delta=0.3 applies to kinds 'wrong_gmm' / 'nonconservative' only"),
+    ("se-unknown-curve-key", "score_error", None, Q + ["curves.keys=[fid]"],
+     "curves: keys ['fid'] are not evaluated along training"),
+    ("se-removed-pool-seed", "score_error", None, Q + ["train.pool_seed=7"], "train: pool_seed was removed"),
     # ---- studies.latent_space
     ("ls-skip-grid-not-dividing-1000", "latent_space", None, Q + ["world.grid_size=7"], "world.grid_size"),
     ("ls-budget-zero", "latent_space", None, Q + ["budgets=[0]"], "budgets"),
@@ -88,18 +98,32 @@ CASES = [
      "world.num_steps: renamed; use world.grid_size"),
     ("ls-empty-budgets", "latent_space", None, Q + ["budgets=[]"], "must be non-empty"),
     ("ls-lr-nan", "latent_space", None, Q + ["train.lr=nan"], "train.lr: Input should be a finite number"),
+    ("ls-budget-twice", "latent_space", None, Q + ["budgets=[20,20]"], "budgets: 20 listed twice"),
+    ("ls-n-modes-not-random", "latent_space", None, Q + ["data.n_modes=4"],
+     "data.n_modes: applies to preset 'random' only"),
+    ("ls-decoder-twice", "latent_space", None, Q + ["decoders=[{{kind: identity}},{{kind: identity}}]"],
+     "decoders: 'identity' listed twice"),
     # ---- studies.inductive_bias
     ("ib-ema-rate-above-one", "inductive_bias", None, Q + ["ema_rates=[1.5]", "sweeps=[target]"], "ema_rates"),
     ("ib-budget-zero", "inductive_bias", None, Q + ["budgets=[0]", "sweeps=[budget]"], "budgets"),
     ("ib-dimension-one", "inductive_bias", None, Q + ["dims=[1]", "sweeps=[dimension]"], "dims"),
     ("ib-width-zero", "inductive_bias", None, Q + ["capacity=[[0,3]]", "sweeps=[capacity]"], "capacity"),
     ("ib-unknown-sweep", "inductive_bias", None, Q + ["sweeps=[width]"], "'width' is not allowed"),
+    ("ib-depth-zero", "inductive_bias", None, Q + ["capacity=[[8,0]]", "sweeps=[capacity]"],
+     "capacity.0.1: Input should be greater than or equal to 1"),
+    ("ib-swept-list-empty", "inductive_bias", None, Q + ["dims=[]", "sweeps=[dimension]"],
+     "dims must be non-empty: sweeps includes 'dimension'"),
+    ("ib-budget-sweep-with-curves", "inductive_bias", None,
+     Q + ["sweeps=[budget]", "curves.enabled=true", "curves.steps=[20,40]", "train.lr_schedule=constant"],
+     "sweeps: 'budget' with curves.enabled"),
     ("ib-threads-zero", "inductive_bias", None, ["--quick", *OUT, "--threads", "0"],
      "argument --threads: 0 is not allowed"),
     # ---- studies.solver_ablation
     ("sa-grid-size-zero", "solver_ablation", None, Q + ["grid_sizes=[0,10]"], "grid_sizes"),
     ("sa-skip-grid-not-dividing-1000", "solver_ablation", None, Q + ["grid_sizes=[7]"], "grid_sizes"),
     ("sa-grid-size-twice", "solver_ablation", None, Q + ["grid_sizes=[10,10]"], "grid_sizes"),
+    ("sa-world-grid-size-unused", "solver_ablation", None, Q + ["world.grid_size=50"],
+     "world: grid_size=50: the ablation sets them from grid_sizes and solvers"),
     ("sa-train-steps-bool", "solver_ablation", None, Q + ["train.train_steps=true"],
      "train.train_steps: expected a number, got a boolean"),
     ("sa-renamed-num-steps", "solver_ablation", None, Q + ["num_steps=[10]"], "num_steps: renamed; use grid_sizes"),
@@ -120,6 +144,12 @@ CASES = [
      "a map needs two different axes"),
     ("pm-k-zero", "paradox_map", None, Q + ["k=0"], "k: Value error, allowed: an integer >= 1 or 'all'"),
     ("pm-lr-1e39", "paradox_map", None, Q + ["train.lr=1e39"], "allowed: 0 < lr < 3.4e38"),
+    ("pm-skip-grid-not-dividing-1000", "paradox_map", None, Q + ["world.grid_size=7"],
+     "world.grid_size: grid_size=7 must divide 1000"),
+    ("pm-n-modes-not-random", "paradox_map", None, Q + ["data.n_modes=4"], "data.n_modes"),
+    ("pm-knob-of-exact-teacher", "paradox_map", None, Q + ["teacher={{kind: exact, knob: 0.3}}", "cols.name=depth",
+                                                           "cols.values=[1,2]"],
+     "the exact teacher has no knob"),
     # ---- studies.image_world
     ("iw-grid-not-dividing-1000", "image_world", None, Q + ["grid_size=7"], "grid_size=7 must divide 1000"),
     ("iw-solver-twice", "image_world", None, Q + ["solvers=[ddim,ddim]"], "has duplicates"),
@@ -146,18 +176,7 @@ CASES = [
 ]
 
 #: known defects (id -> what happens now); see docs/reliability.md
-OPEN = {
-    "se-skip-grid-not-dividing-1000": "writes config.json, then a ValueError traceback from odecm.grids.skip",
-    "ls-skip-grid-not-dividing-1000": "writes config.json, then a ValueError traceback from odecm.grids.skip",
-    "ls-budget-zero": "writes config.json, then a TypeError traceback",
-    "ib-ema-rate-above-one": "writes config.json, then a ValueError traceback from EMATarget",
-    "ib-budget-zero": "writes config.json, then a TypeError traceback",
-    "ib-dimension-one": "writes config.json, then a pydantic ValidationError traceback (NetworkConfig.dim)",
-    "ib-width-zero": "writes config.json, then a ZeroDivisionError traceback",
-    "sa-grid-size-zero": "runs: N = 0 falls back to world.grid_size (trains N = 20, reports N = 0)",
-    "sa-skip-grid-not-dividing-1000": "writes config.json, then a ValueError traceback from odecm.grids.skip",
-    "sa-grid-size-twice": "runs every N twice (the study's other lists refuse duplicates)",
-}
+OPEN: dict[str, str] = {}
 
 MAINS = {"latent_cache": "sdxl.latent_cache"}
 

@@ -137,3 +137,59 @@ def test_report_reads_the_quick_outputs(quick_results, tmp_path):
         assert name in md
 
 
+
+
+# --- checks at the door of the configs (no study runs) ------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["sdxl", "vp", "edm"])
+@pytest.mark.parametrize("grid", ["skip", "uniform", "karras"])
+@pytest.mark.parametrize("n", [1, 7, 20, 30, 40, 1000, 1001])
+def test_grid_problem_agrees_with_building_the_grid(schedule, grid, n):
+    """``cells.grid_problem`` (the configs' check) refuses exactly the grids ``odecm.grids.make_grid`` cannot build."""
+    from odecm.grids import make_grid
+    from studies.cells import grid_problem, make_world_schedule
+
+    problem = grid_problem(grid, schedule, n, timestep_offset=1)
+    try:
+        make_grid(grid, make_world_schedule(schedule, 1), n)
+        built = True
+    except ValueError:
+        built = False
+    assert built == (problem is None), problem
+    if problem and schedule == "sdxl":
+        assert f"grid_size={n} must divide 1000" in problem
+
+
+def test_world_configs_refuse_a_grid_the_schedule_cannot_build():
+    from odecm.config import ConfigError, validate
+    from studies.cells import WorldConfig
+
+    assert validate(WorldConfig, {"grid_size": 50}).grid_size == 50
+    assert validate(WorldConfig, {"schedule": "vp", "grid": "uniform", "grid_size": 7}).grid_size == 7
+    with pytest.raises(ConfigError, match=r"grid_size: grid_size=30 must divide 1000"):
+        validate(WorldConfig, {"grid_size": 30})
+    with pytest.raises(ConfigError, match=r"grid: grid='skip' needs a discrete schedule"):
+        validate(WorldConfig, {"schedule": "edm"})
+
+
+def test_build_world_takes_an_explicit_grid_size_and_solver_as_given():
+    """``grid_size=0`` is not "the config's": it reaches the grid (and fails there) instead of training N = 20."""
+    from studies.cells import DataConfig, WorldConfig, build_world
+
+    w = build_world(DataConfig(), WorldConfig(grid_size=20), solver="heun_vp", grid_size=10)
+    assert w.grid.numel() == 11 and w.solver == "heun_vp"
+    assert build_world(DataConfig(), WorldConfig(grid_size=20)).grid.numel() == 21
+    with pytest.raises(ValueError, match="num_steps=0"):
+        build_world(DataConfig(), WorldConfig(), grid_size=0)
+
+
+def test_train_pool_seed_is_gone_but_old_config_files_replay():
+    """``TrainConfig.pool_seed`` was never read by the studies (pools: ``studies.seeding``): an old config.json's
+    default is dropped on load; another value is refused, naming where pool seeds come from."""
+    from odecm.config import ConfigError, validate
+    from toys.ensemble import TrainConfig
+
+    assert "pool_seed" not in TrainConfig.model_fields
+    assert "pool_seed" not in validate(TrainConfig, {"pool_seed": 12345, "train_steps": 7}).model_dump()
+    with pytest.raises(ConfigError, match=r"pool_seed was removed: .*seeding.hold_fixed=\[pool\]"):
+        validate(TrainConfig, {"pool_seed": 3})

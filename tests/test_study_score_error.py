@@ -142,6 +142,37 @@ def test_set_keeps_the_study_defaults_of_a_nested_block():
     assert quick.quick is True and quick.train.train_steps == 250 and quick.network.time_input == "t"
 
 
+def test_layers_are_defaults_then_config_file_then_quick_then_set(tmp_path):
+    """``--quick --config FILE`` is a smoke run even when the file sets train / eval keys (the quick preset comes
+    after the file), and ``--set`` comes after both; keys the preset leaves alone keep the file's values."""
+    from studies.common import parse_args, resolve_config
+
+    path = tmp_path / "full.yaml"
+    path.write_text("train: {train_steps: 1500, batch_size: 128, lr: 0.001}\neval: {num_samples: 2000}\n"
+                    "seeds: [0, 1, 2, 3]\n")
+
+    def cfg(*argv):
+        return resolve_config(score_error.ScoreErrorConfig, parse_args("score_error", list(argv)), score_error.QUICK)
+
+    full = cfg("--config", str(path))
+    assert (full.quick, full.train.train_steps, full.eval.num_samples, full.seeds) == (False, 1500, 2000, [0, 1, 2, 3])
+    quick = cfg("--quick", "--config", str(path))
+    assert (quick.quick, quick.train.train_steps, quick.train.batch_size, quick.eval.num_samples, quick.seeds) == (
+        True, 250, 64, 300, [0, 1])
+    assert quick.train.lr == 0.001  # the preset leaves lr alone: the file's value stays
+    both = cfg("--quick", "--config", str(path), "--set", "train.train_steps=30", "seeds=[5]")
+    assert (both.train.train_steps, both.train.batch_size, both.seeds) == (30, 64, [5])
+    # a preset that is a function of the configured run (paradox_map's) sees the file and --set, then --set wins
+    seen = []
+
+    def preset(c):
+        seen.append(c.seeds)
+        return {"quick": True, "seeds": c.seeds[:1], "train": {"train_steps": 20}}
+    args = parse_args("score_error", ["--quick", "--config", str(path), "--set", "train.batch_size=8"])
+    out = resolve_config(score_error.ScoreErrorConfig, args, preset)
+    assert seen == [[0, 1, 2, 3]] and (out.seeds, out.train.train_steps, out.train.batch_size) == ([0], 20, 8)
+
+
 def test_a_key_given_twice_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="given twice"):
         score_error.main(["--out", str(tmp_path / "x"), "--set", "seeds=[1]", "--set", "seeds=[2]"])
