@@ -34,7 +34,7 @@ from .stats import (RegimeInput, bootstrap_interval, classify_regimes, floor_dis
 
 __all__ = ["CONVERGENCE_RULE", "converged_flags", "regime_entry", "add_differences", "eval_intervals",
            "solver_equivalences", "merge_regimes", "verdicts", "floor_block", "budget_block", "summary_line",
-           "METHODS"]
+           "interval_levels", "METHODS"]
 
 METHODS = ("cd", "direct_cd")
 CONVERGENCE_TOL = 0.05
@@ -164,7 +164,10 @@ def budget_block(train, init_steps: int, grid_size: int | None, **extra: Any) ->
 
 
 def summary_line(study_verdicts: Mapping, quick: bool, quality_label: str) -> str:
-    """One line: verdict counts across the regimes counted (with the correction used)."""
+    """One line: verdict counts across the regimes counted, and the level the intervals were taken at: each
+    regime's paired t-interval over seeds is at its corrected level ``1 - alpha_i``
+    (``studies.stats.adjusted_levels``: ``1 - alpha / m`` for Bonferroni, Holm's step-down level, ...), which
+    excludes 0 exactly when the corrected test rejects."""
     regs = study_verdicts.get("regimes", [])
     counts: dict[str, int] = {}
     for r in regs:
@@ -172,8 +175,21 @@ def summary_line(study_verdicts: Mapping, quick: bool, quality_label: str) -> st
     corr = study_verdicts.get("correction", {})
     parts = ", ".join(f"{v} {n}" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     paradox = [r["label"] for r in regs if r["verdict"] == "paradox"]
-    line = (f"{len(paradox)}/{len(regs)} regimes show the paradox (Direct CD lower E and worse {quality_label}, "
-            f"both paired 95% intervals over seeds excluding 0 after {corr.get('method', '?')} correction over "
-            f"{corr.get('num_comparisons', 0)} regimes)" + (f": {', '.join(paradox)}" if paradox else "")
-            + f". Verdicts: {parts or 'none'}.")
+    line = (f"{len(paradox)}/{len(regs)} regimes show the paradox (Direct CD lower E and worse {quality_label}: "
+            f"both paired intervals over seeds exclude 0 at {interval_levels(regs, corr)})"
+            + (f": {', '.join(paradox)}" if paradox else "") + f". Verdicts: {parts or 'none'}.")
     return ("[quick: not evidence] " if quick else "") + line
+
+
+def interval_levels(regimes: Sequence[Mapping], correction: Mapping) -> str:
+    """The intervals' levels in words, e.g. ``"the holm-corrected levels 97.5%-99.2% (family-wise error 0.05
+    over 3 regimes)"`` or ``"95% (no correction)"``."""
+    method, alpha, m = correction.get("method", "?"), correction.get("alpha"), correction.get("num_comparisons", 0)
+    levels = sorted({round(100 * float(r["level"]), 2) for r in regimes if r.get("level") is not None})
+    shown = "-".join(f"{x:g}%" for x in dict.fromkeys([levels[0], levels[-1]])) if levels else "?"
+    if method == "none":
+        return f"{shown} (no correction)"
+    family = f"family-wise error {alpha:g}" if method in ("holm", "bonferroni") and alpha is not None else (
+        f"false coverage rate {alpha:g}" if method == "bh" and alpha is not None else "")
+    return (f"the {method}-corrected level{'s' if len(levels) > 1 else ''} {shown} "
+            f"({family + ' ' if family else ''}over {m} regime{'s' if m != 1 else ''})")

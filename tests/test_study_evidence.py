@@ -48,6 +48,13 @@ def test_verdicts_use_corrected_paired_intervals_and_tag_quick_runs():
     q = evidence.verdicts([clear], "w2", quick=True)
     assert q["regimes"][0]["quick"] is True
     assert evidence.summary_line(q, True, "W2").startswith("[quick: not evidence]")
+    # the intervals are at the corrected levels (Holm over 2: 97.5% for the first, 95% after a rejection), and
+    # the line says so instead of calling them 95% intervals
+    assert sorted(r["level"] for r in v["regimes"]) == pytest.approx([0.95, 0.975])
+    line = evidence.summary_line(v, False, "W2")
+    assert "exclude 0 at the holm-corrected levels 95%-97.5% (family-wise error 0.05 over 2 regimes)" in line, line
+    plain = evidence.summary_line(evidence.verdicts([clear, noisy], "w2", method="none"), False, "W2")
+    assert "exclude 0 at 95% (no correction)" in plain, plain
     r = evidence.add_differences(clear)
     assert r["differences"]["E"]["mean"] == pytest.approx(0.5075)
 
