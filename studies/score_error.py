@@ -199,6 +199,15 @@ QUICK: dict[str, Any] = {
 }
 
 
+def quick_preset(cfg: ScoreErrorConfig) -> dict[str, Any]:
+    """``QUICK``, and for a configured run with curves (``configs/score_error_curves.yaml``) curve steps that
+    end at the quick budget (125 and 250: one doubling, so a convergence flag)."""
+    if not cfg.curves.enabled:
+        return QUICK
+    steps = QUICK["train"]["train_steps"]
+    return {**QUICK, "curves": {"steps": [steps // 2, steps]}}
+
+
 # --- the run ---------------------------------------------------------------------------------------
 
 def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) -> dict[str, Any]:
@@ -323,7 +332,7 @@ def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(STUDY, argv, description=__doc__.split("\n")[0])
-    cfg = common.resolve_config(ScoreErrorConfig, args, quick=QUICK)
+    cfg = common.resolve_config(ScoreErrorConfig, args, quick=quick_preset)
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
     out = common.results_folder(STUDY, args, quick=cfg.quick)

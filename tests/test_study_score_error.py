@@ -3,6 +3,7 @@ curves, determinism and config errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,11 @@ def test_layers_are_defaults_then_config_file_then_quick_then_set(tmp_path):
     args = parse_args("score_error", ["--quick", "--config", str(path), "--set", "train.batch_size=8"])
     out = resolve_config(score_error.ScoreErrorConfig, args, preset)
     assert seen == [[0, 1, 2, 3]] and (out.seeds, out.train.train_steps, out.train.batch_size) == ([0], 20, 8)
+    # the curves config has a smoke version too: curve steps that end at the quick budget
+    shipped = Path(__file__).resolve().parents[1] / "studies" / "configs" / "score_error_curves.yaml"
+    curves = resolve_config(score_error.ScoreErrorConfig, parse_args("score_error", ["--quick", "--config", str(shipped)]),
+                            score_error.quick_preset)
+    assert curves.quick and curves.train.train_steps == 250 and curves.curves.steps == [125, 250]
 
 
 def test_a_key_given_twice_is_an_error(tmp_path):
