@@ -358,8 +358,11 @@ class Trainer:
         notes = check_resume_config(meta["trainer"], asdict(self.config), TRAINER_RESUME_POLICY, self.allow_change,
                                     what="loop settings (TrainerConfig)")
         if meta.get("config") is not None or self.run_config is not None:
-            notes += check_resume_config(meta.get("config") or {}, self.run_config or {}, self.resume_policy,
-                                         self.allow_change)
+            run_notes = check_resume_config(meta.get("config") or {}, self.run_config or {}, self.resume_policy,
+                                            self.allow_change)
+            # a loop setting mirrors a run-config key (train_steps <-> distill.train_steps): note it once
+            mirrored = {n.split(":", 1)[0].rsplit(".", 1)[-1] + ":" + n.split(":", 1)[1] for n in run_notes}
+            notes = [n for n in notes if n not in mirrored] + run_notes
         self.resume_notes = notes
         if self.is_main:
             for note in notes:

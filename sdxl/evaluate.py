@@ -32,6 +32,7 @@ from typing import Any
 
 from odecm.metrics import ode_error
 
+from .checks import check_device
 from .eval_config import EvaluateConfig, check_path, cli_config, input_error
 from .features import (FD_PROTOCOLS, ExtractorSpec, ImageSet, clip_score, extract_features, extract_text_features,
                        fd_sample_note, frechet_distance, load_extractors, load_images)
@@ -106,6 +107,7 @@ def check_evaluate_inputs(cfg: EvaluateConfig) -> EvalInputs:
     """Every check that needs no network: sample and reference folders (complete per caption), real
     images, metric weight files."""
     samples = Path(cfg.samples)
+    check_device("device", cfg.device)
     check_path("samples", cfg.samples, "dir", "a folder written by sdxl.sample")
     if not (samples / "manifest.json").is_file():
         raise input_error(f"samples={samples}: no manifest.json; allowed: a folder written by sdxl.sample")

@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from .checks import check_device
 from .eval_config import (EvalModelConfig, SampleConfig, check_model_source, check_path, cli_config, input_error,
                           resolve_model, student_timesteps)
 from .eval_shards import (done_indices, folder_key_check, image_path, missing_indices, plan_shards, shard_path,
@@ -195,6 +196,7 @@ def plan_sample(cfg: SampleConfig) -> SamplePlan:
         check_path("weights", str(Path(cfg.weights) / "unet"), "dir", "a folder with unet/ for kind=full")
     check_model_source("model.pretrained", cfg.model.pretrained)
     check_model_source("model.vae", cfg.model.vae)
+    check_device("device", cfg.device)
 
     rkey, rmodel = rman["key"], rman["config"]["model"]
     cache_dir = rman["config"].get("cache_dir", ".")

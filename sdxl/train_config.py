@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from odecm.config import DistillConfig, StrictModel, load_config
 from odecm.runs import ResumePolicy, grows
@@ -108,6 +108,12 @@ class SpeedConfig(StrictModel):
     scaler, which lowers the scale, and is logged as ``skipped_overflow``."""
 
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        """``--set speed.mixed_precision=no``: YAML reads a bare ``no`` as ``false``; it means "no"."""
+        return "no" if v is False else v
     fp16_init_scale: float = Field(2.0 ** 16, gt=0, description="initial loss scale under fp16 (torch's default 2**16)")
     gradient_checkpointing: bool = True
     compile: bool = Field(False, description="torch.compile the UNet (first steps slow; fixed shapes help)")

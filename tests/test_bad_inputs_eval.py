@@ -106,6 +106,7 @@ CASES = [
      "differs from the reference's"),
     ("samples-out-dir-of-other-weights", "sample", _other_samples_out_dir, SAMPLE + ["weights={root}/run/lora"],
      "holds a student_samples of other inputs"),
+    ("sample-device-not-a-device", "sample", _ref, SAMPLE + ["device=gpu0"], "device=gpu0: not a torch device"),
     # ---- sdxl.evaluate
     ("missing-samples", "evaluate", None, ["samples={root}/samples"], "samples={root}/samples: no such folder"),
     ("incomplete-samples", "evaluate", _samples(written=1), ["samples={root}/samples"], "incomplete (1 of 2 captions"),
@@ -117,6 +118,8 @@ CASES = [
      "weights.fid_inception={root}/i.pt: no such file"),
     ("unknown-fd-protocol", "evaluate", _samples(), ["samples={root}/samples", "fd_protocol=tf2"],
      "fd_protocol: 'tf2' is not allowed"),
+    ("evaluate-device-not-a-device", "evaluate", _samples(), ["samples={root}/samples", "device=gpu0"],
+     "device=gpu0: not a torch device"),
 ]
 
 

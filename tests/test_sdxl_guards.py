@@ -73,3 +73,14 @@ def test_a_nan_stops_the_run_with_the_last_good_checkpoint(tmp_path, tiny_sdxl_d
     meta, _, weights = read_state(latest)
     assert meta["step"] == 1 and all(torch.isfinite(v).all() for v in weights["student"].values())
     assert not (out / "lora").exists() and not (out / "metrics.json").exists()
+
+
+def test_mixed_precision_no_survives_yaml():
+    """``--set speed.mixed_precision=no``: YAML reads a bare ``no`` as false; the config means "no"."""
+    from sdxl.train_config import load_train_config
+
+    assert load_train_config("tiny_cpu", ["speed.mixed_precision=no"]).speed.mixed_precision == "no"
+    from odecm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="speed.mixed_precision: True is not allowed"):
+        load_train_config("tiny_cpu", ["speed.mixed_precision=yes"])

@@ -291,3 +291,12 @@ def test_an_allowed_lr_change_on_resume_takes_effect(tmp_path):
     again.run(resume="latest")
     assert [h["lr"] for h in again.history] == [3e-2, 3e-2]
     assert again.lr_scheduler.base_lrs == [3e-2] and again.lr_scheduler.get_last_lr() == [3e-2]
+
+
+def test_a_loop_setting_mirroring_a_run_config_key_is_noted_once(tmp_path, capsys):
+    policy = ResumePolicy(note=("distill.train_steps",), conditions={"distill.train_steps": (grows, "may only grow")})
+    _trainer(tmp_path, train_steps=2, run_config={"distill": {"train_steps": 2}}, policy=policy).run()
+    again = _trainer(tmp_path, train_steps=3, run_config={"distill": {"train_steps": 3}}, policy=policy)
+    again.run(resume="latest")
+    assert again.resume_notes == ["distill.train_steps: 2 -> 3"]
+    assert capsys.readouterr().out.count("train_steps: 2 -> 3") == 1
