@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .atomic import atomic_path, remove_stale_temps, write_json_atomic
+from odecm.atomic import atomic_path, remove_stale_temps, write_json_atomic
 from .eval_config import input_error, key_differences
 
 Tensor = torch.Tensor

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path, write_json_atomic
+from odecm.atomic import atomic_path, write_json_atomic
 
 Tensor = torch.Tensor
 

@@ -62,7 +62,7 @@ from safetensors.torch import save_file
 
 from odecm.cli import InputError
 from odecm.config import StrictModel
-from sdxl.atomic import atomic_path, remove_stale_temps, write_json_atomic
+from odecm.atomic import atomic_path, remove_stale_temps, write_json_atomic
 from sdxl.checks import device_problem, model_source_problem, vae_factor_problem
 from sdxl.data import (WHITE, ImageCaptionDataset, Skip, SkipStats, TooManySkipsError, WebImageCaptionDataset,
                        data_kind, expand_shards, scan)

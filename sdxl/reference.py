@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .atomic import atomic_path
+from odecm.atomic import atomic_path
 from .checks import check_device, check_model_source, vae_factor_problem
 from .eval_config import ReferenceConfig, check_path, cli_config, input_error, resolve_model
 from .eval_shards import (done_indices, folder_key_check, image_path, missing_indices, plan_shards,

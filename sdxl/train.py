@@ -45,7 +45,7 @@ from odecm.config import config_to_dict, save_config
 from odecm.runs import check_resume_config, prepare_run_dir, resolve_resume
 from odecm.training import NonFiniteLossError, Trainer, TrainerConfig
 
-from .atomic import atomic_folder, write_json_atomic
+from odecm.atomic import atomic_folder, write_json_atomic
 from .build import Run, build_run, make_accelerator, resolve_log_with
 from .checks import check_config
 from .loss import make_loss_fn

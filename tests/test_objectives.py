@@ -1,5 +1,4 @@
 """CD and Direct CD objectives on Gaussian data, where every map is known in closed form."""
-import math
 
 import pytest
 import torch

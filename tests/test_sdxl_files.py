@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import sdxl.eval_shards as es
-from sdxl.atomic import atomic_folder, remove_stale_temps, temp_path
+from odecm.atomic import atomic_folder, remove_stale_temps, temp_path
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from odecm.atomic import atomic_path, write_json_atomic
 from odecm.denoisers import Denoiser
 from odecm.schedules import DiscreteSchedule, NoiseSchedule
 
@@ -279,12 +279,10 @@ def learned(
         _train(den, gmm, schedule, opt, sched, budget, batch_size, predict, v_data, gen)
     den.train_steps_run = int(budget)
     net.eval()
-    if use_cache:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = w_path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        os.replace(tmp, w_path)
-        c_path.write_text(json.dumps(config, indent=1, sort_keys=True))
+    if use_cache:  # private temporary names (concurrent writers never mix); the JSON, written last, marks it done
+        with atomic_path(w_path) as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        write_json_atomic(c_path, config, indent=1)
     return den.requires_grad_(False)
 
 
