@@ -8,7 +8,7 @@ folder corrupt. ``plan_shards`` lays the missing captions on the grid of the *cu
 resume with another shard size computes exactly the missing captions.
 
 Several processes may write one folder at once (two runs of the same command on one cache): every write
-goes to a temporary name of its own (``sdxl.atomic``) and is renamed into place, so no process can publish
+goes to a temporary name of its own (``odecm.atomic``) and is renamed into place, so no process can publish
 another's half-written file. A shard that cannot be read (truncated by an older writer, a disk error) is
 not done: ``done_indices`` warns and, with ``drop_incomplete``, deletes it, so its captions are computed
 again.

@@ -32,7 +32,7 @@ example effectively does with ``latent_dist.sample()``, lets training draw a fre
 Caching freezes the augmentation: each image keeps the one crop/flip it got (seed, epoch 0); use
 center crops for cached training.
 
-Resume: shards are written to a temporary name of the writing process's own (``sdxl.atomic``) and renamed
+Resume: shards are written to a temporary name of the writing process's own (``odecm.atomic``) and renamed
 when complete; ``index.json`` (written the same way) lists the finished ones, and a rerun skips them
 (their images are not even decoded).
 

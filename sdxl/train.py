@@ -219,7 +219,7 @@ def missing_outputs(cfg: SDXLTrainConfig, step: int) -> list[str]:
 
 def save_student(cfg: SDXLTrainConfig, run: Run, step: int, run_id: str | None) -> Path:
     """The student in diffusers' format plus ``odecm_student.json``, written into a temporary folder that
-    gets ``COMPLETE`` last and is then renamed into place (``sdxl.atomic.atomic_folder``): a kill leaves
+    gets ``COMPLETE`` last and is then renamed into place (``odecm.atomic.atomic_folder``): a kill leaves
     no folder, the previous one, or the complete new one."""
     from .student import write_student_info
 
