@@ -4,9 +4,9 @@ Submodules:
 
 * the PF-ODE core: ``schedules``, ``denoisers``, ``grids``, ``solvers``, ``consistency``,
   ``objectives``, ``metrics``;
-* training: ``training`` (the loop), ``target`` (EMA / stop-gradient target), ``optim``,
-  ``checkpoint`` (pickle-free on-disk format), ``runs`` (run folders, resume policy),
-  ``distributed`` (decisions shared by every rank);
+* training: ``training`` (the loop), ``trainer_checkpoints`` (its checkpoint / resume half),
+  ``target`` (EMA / stop-gradient target), ``optim``, ``checkpoint`` (pickle-free on-disk format),
+  ``runs`` (run folders, resume policy), ``distributed`` (decisions shared by every rank);
 * configuration: ``config`` (pydantic models), ``cli`` (the one command line of every entry point).
 
 Nothing here imports toys, sdxl or diffusers.
