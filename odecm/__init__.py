@@ -2,8 +2,9 @@
 
 Submodules:
 
-* the PF-ODE core: ``schedules``, ``denoisers``, ``grids``, ``solvers``, ``consistency``,
-  ``objectives``, ``metrics``;
+* the PF-ODE core: ``schedules`` (the interface in ``schedule_base``, the discrete schedule in
+  ``discrete_schedule``), ``denoisers``, ``grids``, ``solvers``, ``consistency``, ``objectives``,
+  ``metrics``;
 * training: ``training`` (the loop), ``trainer_checkpoints`` (its checkpoint / resume half),
   ``target`` (EMA / stop-gradient target), ``optim``, ``checkpoint`` (pickle-free on-disk format),
   ``runs`` (run folders, resume policy), ``distributed`` (decisions shared by every rank);
