@@ -8,8 +8,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .report_comparisons import Comparison, StudyVerdicts, converged_text, verdict_counts
 from .report_io import QUICK_LABEL
-from .report_verdicts import Comparison, StudyVerdicts, converged_text, verdict_counts
 
 __all__ = [
     "Evidence",
