@@ -29,8 +29,9 @@ Modules
   ``clip_grad_norm_per_member`` (defined in ``toys.ensemble_train``);
 * ``toys.ensemble_targets``: ``TargetPool`` (precomputed Direct CD targets), ``Route``, ``RoutedTarget``
   (CD / k-step / Direct CD targets for members on different (teacher, solver) routes);
-* ``toys.ensemble_train``: ``TrainConfig``, ``train_ensemble`` (the loop, k-step targets, the
-  Direct-CD-then-CD schedule, evaluation callbacks, the per-member NaN/inf guard), ``init_from_teacher``.
+* ``toys.ensemble_config``: ``TrainConfig`` (how an ensemble is distilled), ``TrainHistory``;
+* ``toys.ensemble_train``: ``train_ensemble`` (the loop, k-step targets, the Direct-CD-then-CD
+  schedule, evaluation callbacks, the per-member NaN/inf guard), ``init_from_teacher``.
 
 Everything is re-exported here: ``from toys.ensemble import train_ensemble`` works.
 """
@@ -54,7 +55,7 @@ __all__ = [
     "EnsembleMLP",
     "EnsembleStudent",
     "make_ensemble_student",
-    # re-exported from toys.ensemble_targets / toys.ensemble_train
+    # re-exported from toys.ensemble_targets / toys.ensemble_config / toys.ensemble_train
     "TargetPool",
     "Route",
     "RoutedTarget",
@@ -181,5 +182,6 @@ def make_ensemble_student(config: NetworkConfig, schedule: NoiseSchedule, seeds:
 
 # the training half (imported last: it builds on the classes above)
 from .ensemble_targets import Route, RoutedTarget, TargetPool  # noqa: E402
-from .ensemble_train import (NonFiniteTrainingError, TrainConfig, TrainHistory, clip_grad_norm_per_member,  # noqa: E402
-                             ensemble_loss, init_from_teacher, member_norms, train_ensemble)
+from .ensemble_config import TrainConfig, TrainHistory  # noqa: E402
+from .ensemble_train import (NonFiniteTrainingError, clip_grad_norm_per_member, ensemble_loss,  # noqa: E402
+                             init_from_teacher, member_norms, train_ensemble)
