@@ -3,8 +3,8 @@
 Submodules:
 
 * the PF-ODE core: ``schedules`` (the interface in ``schedule_base``, the discrete schedule in
-  ``discrete_schedule``), ``denoisers``, ``grids``, ``solvers``, ``consistency``, ``objectives``,
-  ``metrics``;
+  ``discrete_schedule``), ``denoisers``, ``grids``, ``solvers``, ``consistency``, ``objectives``
+  (its distances in ``distances``), ``metrics``;
 * training: ``training`` (the loop), ``trainer_checkpoints`` (its checkpoint / resume half),
   ``target`` (EMA / stop-gradient target), ``optim``, ``checkpoint`` (pickle-free on-disk format),
   ``runs`` (run folders, resume policy), ``distributed`` (decisions shared by every rank);

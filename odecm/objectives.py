@@ -18,6 +18,8 @@ Index drawing: ``"per_sample"`` (each sample its own n ~ U{1..N}, as the paper) 
 For Direct CD the sequential teacher depth is ``max_b n_b`` per iteration under per-sample drawing
 (expectation ``~ N B / (B + 1)``) against ``n`` under the shared scheme (expectation ``(N + 1)/2``);
 ``expected_direct_cd_cost`` gives both exactly.
+
+Distances ``d``: ``odecm.distances`` (re-exported here).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from .denoisers import Denoiser, NFECounter, broadcast_time, index_cond
+from .distances import DISTANCES, get_distance, l1_distance, l2_distance, pseudo_huber_distance  # noqa: F401
 from .schedules import NoiseSchedule
 from .solvers import Solver, get_solver, solve
 
@@ -275,50 +278,6 @@ def make_target_provider(method: str, teacher: Denoiser, solver: Solver | str, g
     if k is None:
         raise ValueError("method='cd_k' needs k (an integer >= 1: teacher steps before the target network)")
     return KStepTarget(teacher, solver, grid, target_fn, k, mask_mode=mask_mode)  # type: ignore[arg-type]
-
-
-# --- distances: (a, b) -> per-sample values (B,) --------------------------------------------------
-
-def _flat(d: Tensor) -> Tensor:
-    return d.reshape(d.shape[0], -1)
-
-
-def _diff(a: Tensor, b: Tensor) -> Tensor:
-    """``a - b`` in at least float32 (losses are fp32 even when the networks run in bf16)."""
-    d = a - b
-    return d.float() if d.dtype in (torch.float16, torch.bfloat16) else d
-
-
-def l2_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Mean squared error per sample: ``mean_i (a_i - b_i)^2`` (the paper's plain L2 / MSE)."""
-    return _flat(_diff(a, b) ** 2).mean(dim=1)
-
-
-def l1_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Mean absolute error per sample."""
-    return _flat(_diff(a, b).abs()).mean(dim=1)
-
-
-def pseudo_huber_distance(a: Tensor, b: Tensor, c: float = 0.001) -> Tensor:
-    """``sqrt(||a - b||^2 / D + c^2) - c`` per sample (Song & Dhariwal 2023, with the squared norm
-    normalised by the dimension D so that ``c`` is per-element, as LCM's ``huber_c``)."""
-    return torch.sqrt(_flat(_diff(a, b) ** 2).mean(dim=1) + c * c) - c
-
-
-DISTANCES: dict[str, Callable[..., Tensor]] = {"l2": l2_distance, "l1": l1_distance, "pseudo_huber": pseudo_huber_distance}
-
-
-def get_distance(name: str | Callable, **kwargs) -> Callable[[Tensor, Tensor], Tensor]:
-    """A named distance (l2, l1, pseudo_huber with ``c``) or any callable ``(a, b) -> (B,)`` —
-    the hook for perceptual distances such as LPIPS."""
-    if callable(name):
-        return name
-    if name not in DISTANCES:
-        raise ValueError(f"distance={name!r} is unknown; allowed: {sorted(DISTANCES)} or a callable")
-    fn = DISTANCES[name]
-    if kwargs:
-        return lambda a, b: fn(a, b, **kwargs)
-    return fn
 
 
 # --- weightings lambda(t_n) -----------------------------------------------------------------------
