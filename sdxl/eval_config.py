@@ -176,14 +176,21 @@ def resolve_model(model, cache_dir: str | Path | None = None) -> str:
     return str(cached_tiny_sdxl(seed=0))
 
 
-def cli_config(model_cls, argv=None, description: str = "", prog: str | None = None):
-    """``--config FILE --set key=value ...`` (``odecm.cli``) -> a validated ``model_cls``."""
+def cli_config(model_cls, argv=None, description: str = "", prog: str | None = None, door=None):
+    """``--config FILE --set key=value ...`` (``odecm.cli``) -> a validated ``model_cls``. With ``--check``:
+    ``door(cfg)`` (the command's checks before any model loads), one ``ok: ...`` line, and None (the caller
+    returns)."""
     import argparse
 
-    from odecm.cli import add_config_args, config_from_args
+    from odecm.cli import add_config_args, config_from_args, report_check
 
     ap = add_config_args(argparse.ArgumentParser(prog=prog, description=description))
-    return config_from_args(model_cls, ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    cfg = config_from_args(model_cls, args)
+    module = (prog or model_cls.__name__).split()[-1]
+    if report_check(args, module, cfg, door=(lambda: door(cfg)) if door is not None else None):
+        return None
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------- checks at the door

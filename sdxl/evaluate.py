@@ -226,7 +226,9 @@ def metrics_table(result: dict) -> str:
 
 def main(argv=None) -> None:
     cfg = cli_config(EvaluateConfig, argv, "ODE error, FID, FD-DINO, CLIP score and aesthetic of a student sample set.",
-                     prog="python -m sdxl.evaluate")
+                     prog="python -m sdxl.evaluate", door=check_evaluate_inputs)
+    if cfg is None:  # --check
+        return
     result = evaluate(cfg)
     print(metrics_table(result))
 

@@ -281,6 +281,18 @@ def _restore(stats: SkipStats, entry: dict) -> None:
     stats.add_examples(entry.get("skip_examples", {}))
 
 
+def door_checks(cfg: LatentCacheConfig, models: bool = True) -> tuple[_Source, SkipStats]:
+    """The checks before any model loads or any folder is made: the data listing (a listing that is mostly
+    bad rows stops here) and, with ``models``, ``check_models``. ``--check`` runs exactly these."""
+    source = _source(cfg)
+    if models:
+        check_models(cfg)
+    stats = SkipStats(cfg.max_skip_fraction, source.total, key="max_skip_fraction")
+    stats.extend(source.listing_skips)
+    stats.check()
+    return source, stats
+
+
 def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progress: bool = True) -> Path:
     """Build (or finish, or reuse) the cache for ``cfg``; returns its folder ``cfg.out/<key>``.
 
@@ -289,12 +301,7 @@ def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progre
     listed and checked, then (without ``encoders``) the model, VAE, device and resolution
     (``check_models``), all before any folder is made or any model loads (``odecm.cli.InputError``); too
     many skipped samples stop the build with ``TooManySkipsError`` (module docstring)."""
-    source = _source(cfg)
-    if encoders is None:
-        check_models(cfg)
-    stats = SkipStats(cfg.max_skip_fraction, source.total, key="max_skip_fraction")
-    stats.extend(source.listing_skips)
-    stats.check()  # a listing that is mostly bad rows stops here
+    source, stats = door_checks(cfg, models=encoders is None)
     name = encoders.name if encoders is not None else json.dumps(
         dict(model=_model_id(cfg.model), vae=_model_id(cfg.vae) if cfg.vae else None, dtype=cfg.encode_dtype))
     key = cache_key(cfg, name, source.listing)
@@ -366,11 +373,14 @@ def _finish(folder: Path, stats: SkipStats, index: dict, status: str, seconds: f
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from odecm.cli import add_config_args, config_from_args
+    from odecm.cli import add_config_args, config_from_args, report_check
 
     parser = add_config_args(argparse.ArgumentParser(prog="python -m sdxl.latent_cache",
                                                      description=__doc__.split("\n\n")[0]))
-    cfg = config_from_args(LatentCacheConfig, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    cfg = config_from_args(LatentCacheConfig, args)
+    if report_check(args, "sdxl.latent_cache", cfg, door=lambda: door_checks(cfg)):
+        return None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder = build_cache(cfg)
     index = json.loads((folder / "index.json").read_text())

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from odecm.cli import InputError, add_config_args, overrides_from, run_main
+from odecm.cli import InputError, add_config_args, launch_world_size, overrides_from, report_check, run_main
 from odecm.config import config_to_dict
 from odecm.objectives import DirectCDTarget, add_noise, draw_indices
 from odecm.runs import diff_configs
@@ -80,14 +80,21 @@ def _check_folder(out: Path, cfg: SDXLTrainConfig) -> None:
                          "(targets of two configs never mix)")
 
 
+def door_checks(cfg: SDXLTrainConfig, world_size: int) -> Path:
+    """The checks before anything loads or is written (``sdxl.checks.check_config``, the targets folder);
+    returns the targets folder. ``--check`` runs exactly these."""
+    check_config(cfg, world_size, command="precompute")
+    out = targets_folder(cfg)
+    _check_folder(out, cfg)
+    return out
+
+
 def precompute(cfg: SDXLTrainConfig, accelerator=None, progress: bool = True) -> Path:
     """Compute and store Direct CD targets for every example of ``cfg.data`` (see module docstring)."""
     from tqdm.auto import tqdm
 
     acc = accelerator or make_accelerator(cfg)
-    check_config(cfg, acc.num_processes, command="precompute")
-    out = targets_folder(cfg)
-    _check_folder(out, cfg)
+    out = door_checks(cfg, acc.num_processes)
     acc.wait_for_everyone()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                                 description="store Direct CD targets once"))
     args = p.parse_args(argv)
     cfg = load_train_config(args.config, overrides_from(args))
+    if report_check(args, "sdxl.precompute_targets", cfg, door=lambda: door_checks(cfg, launch_world_size())):
+        return None
     out = precompute(cfg, progress=cfg.progress)
     print(f"targets written to {out}")
     return out

@@ -314,7 +314,9 @@ def run_reference(cfg: ReferenceConfig, loader: Callable[[], SDXLBundle] | None 
 
 def main(argv=None) -> None:
     cfg = cli_config(ReferenceConfig, argv, "Teacher reference solutions (shared noise, N-step skip grid).",
-                     prog="python -m sdxl.reference")
+                     prog="python -m sdxl.reference", door=check_reference_inputs)
+    if cfg is None:  # --check
+        return
     folder, stats = run_reference(cfg)
     print(json.dumps({"folder": str(folder), **stats}))
 

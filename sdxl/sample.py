@@ -337,7 +337,9 @@ def run_sample(cfg: SampleConfig, loader: Callable[[], tuple[SDXLBundle, Any]] |
 
 def main(argv=None) -> None:
     cfg = cli_config(SampleConfig, argv, "Student k-step samples from the reference's shared noise.",
-                     prog="python -m sdxl.sample")
+                     prog="python -m sdxl.sample", door=plan_sample)
+    if cfg is None:  # --check
+        return
     out, stats = run_sample(cfg)
     print(json.dumps({"out_dir": str(out), **stats}, default=str))
 

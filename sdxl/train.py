@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 
 from odecm.checkpoint import latest_checkpoint, read_meta
-from odecm.cli import add_config_args, overrides_from, provenance, run_main
+from odecm.cli import add_config_args, launch_world_size, overrides_from, provenance, report_check, run_main
 from odecm.config import config_to_dict, save_config
 from odecm.runs import check_resume_config, prepare_run_dir, resolve_resume
 from odecm.training import NonFiniteLossError, Trainer, TrainerConfig
@@ -51,7 +51,7 @@ from .checks import check_config
 from .loss import make_loss_fn
 from .train_config import RESUME_POLICY, SDXLTrainConfig, load_train_config
 
-__all__ = ["train", "main", "parse_args", "SDXLTrainer", "resume_point", "run_metrics", "trainer_config", "missing_outputs",
+__all__ = ["train", "main", "parse_args", "door_checks", "SDXLTrainer", "resume_point", "run_metrics", "trainer_config", "missing_outputs",
            "save_student", "student_folder", "STUDENT_COMPLETE"]
 
 
@@ -268,6 +268,16 @@ def _rewrite_outputs(cfg: SDXLTrainConfig, acc, meta: dict, resume: str, allow_c
     return _write_outputs(cfg, acc, run, trainer, segment)
 
 
+def door_checks(cfg: SDXLTrainConfig, world_size: int, resume: str | None = None, overwrite: bool = False,
+                allow_change: Sequence[str] = ()) -> dict | None:
+    """The checks before anything loads or is written (``sdxl.checks.check_config``, ``--resume`` against its
+    checkpoint, ``out_dir``); returns ``resume_point``'s meta. ``--check`` runs exactly these."""
+    check_config(cfg, world_size, command="train")
+    meta = resume_point(cfg, resume, allow_change)
+    prepare_run_dir(cfg.out_dir, resume, overwrite, is_main=False)
+    return meta
+
+
 def train(cfg: SDXLTrainConfig, resume: str | None = None, accelerator=None, overwrite: bool = False,
           allow_change: Sequence[str] = ()) -> dict:
     """Run (or resume) a distillation; returns the metrics written to ``<out_dir>/metrics.json``.
@@ -275,8 +285,7 @@ def train(cfg: SDXLTrainConfig, resume: str | None = None, accelerator=None, ove
     Resuming a run already at ``distill.train_steps``: with its final outputs complete (``missing_outputs``)
     nothing is done; otherwise they are written from its final checkpoint."""
     acc = accelerator or make_accelerator(cfg, trackers=True)
-    check_config(cfg, acc.num_processes, command="train")
-    meta = resume_point(cfg, resume, allow_change)
+    meta = door_checks(cfg, acc.num_processes, resume, overwrite, allow_change)
     out = prepare_run_dir(cfg.out_dir, resume, overwrite, is_main=acc.is_main_process)
     acc.wait_for_everyone()
     if meta is not None and int(meta["step"]) >= cfg.distill.train_steps:
@@ -334,6 +343,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_train_config(args.config, overrides_from(args))
+    if report_check(args, "sdxl.train", cfg, door=lambda: door_checks(
+            cfg, launch_world_size(), args.resume, args.overwrite, args.allow_change)):
+        return None
     try:
         return train(cfg, resume=args.resume, overwrite=args.overwrite, allow_change=args.allow_change)
     except NonFiniteLossError as err:  # the run stopped itself; its last good checkpoint is intact

@@ -89,7 +89,9 @@ def run_study(study: str, model, quick: dict[str, Any], run: Callable, argv: lis
         updates["progress"] = False
     if updates:
         cfg = cfg.model_copy(update=updates)
-    out = common.results_folder(study, args, quick=cfg.quick)
+    out = common.results_folder(study, args, quick=cfg.quick, create=not args.check)
+    if common.report_check(args, f"studies.{study}", cfg):
+        return None
     metrics = run(cfg, out_dir=out, argv=argv)
     print(f"{study}: {metrics.get('summary', '')} -> {out} ({metrics['timing']['total_seconds']:.0f} s)")
     return out

@@ -4,7 +4,9 @@
   ``--set key=value ...`` (dotted keys, YAML values; repeatable, a key given twice is an error),
   ``--quick`` (the study's reduced sweep, a smoke run), ``--out DIR`` (default
   ``results/<study>/<timestamp>``; a folder holding results is refused unless ``--overwrite``),
-  ``--threads N`` (torch intra-op threads, N >= 1), ``--no-progress``. ``parse_args`` + ``resolve_config``.
+  ``--threads N`` (torch intra-op threads, N >= 1), ``--no-progress``, ``--check`` (resolve and validate the
+  config, check ``--out`` without creating it, print ``ok: ...`` and stop: ``odecm.cli``). ``parse_args`` +
+  ``resolve_config``; after the door checks, ``if report_check(args, module, cfg): return``.
 * Config: pydantic models via ``odecm.config``, layered in this order (each layer merged key by key into
   the one before): the study's defaults -> ``--config`` file -> quick preset (with ``--quick``) -> ``--set``.
   So ``--quick --config FILE`` is always a smoke run, and ``--set`` always has the last word. Every check
@@ -35,12 +37,14 @@ import torch
 from pydantic import BaseModel
 from pydantic_core import PydanticCustomError
 
-from odecm.cli import InputError, add_config_args, config_from_args, overrides_from, positive_int, provenance
+from odecm.cli import (InputError, add_config_args, config_from_args, overrides_from, positive_int, provenance,
+                       report_check)
 from odecm.config import ConfigError, load_config, read_config_file
 
 __all__ = [
     "parse_args",
     "resolve_config",
+    "report_check",
     "QuickPreset",
     "distinct",
     "check_study_train",

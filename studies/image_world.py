@@ -159,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
     check_at_the_door(cfg)
-    out = common.results_folder(STUDY, args)
+    out = common.results_folder(STUDY, args, create=not args.check)
+    if common.report_check(args, f"studies.{STUDY}", cfg):
+        return None
     common.save_config(out, cfg, argv=argv if argv is not None else sys.argv[1:], quick=bool(args.quick))
     start = time.perf_counter()
     metrics = run(cfg, out, progress=args.progress, quick=bool(args.quick))

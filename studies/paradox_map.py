@@ -254,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         updates["progress"] = False
     if updates:
         cfg = cfg.model_copy(update=updates)
-    out = common.results_folder(STUDY, args, quick=cfg.quick)
+    out = common.results_folder(STUDY, args, quick=cfg.quick, create=not args.check)
+    if common.report_check(args, f"studies.{STUDY}", cfg):
+        return None
     metrics = run(cfg, out_dir=out, argv=argv)
     print((out / "table.md").read_text())
     print(f"\n{STUDY}: results in {out} ({metrics['timing']['total_seconds']:.0f} s)")

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from odecm.cli import InputError, run_main
+from odecm.cli import InputError, add_check_arg, report_check, run_main
 
 from .common import fmt, fmt_stat, stat
 from .report_evidence import EXPLANATIONS, Evidence, spearman
@@ -336,11 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"use smoke (--quick) runs in the findings, labelled '{QUICK_LABEL}'")
     ap.add_argument("--alpha", type=float, default=0.05, help="family error of the paradox claims per study")
     ap.add_argument("--correction", default="holm", choices=list(CORRECTIONS), help="multiple-comparison correction")
+    add_check_arg(ap)
     args = ap.parse_args(list(argv) if argv is not None else None)
     results = Path(args.results)
     if not results.is_dir():
         raise InputError(f"--results: {results} is not a folder")
     out = Path(args.out) if args.out else results / "report"
+    if report_check(args, "studies.report", results=results, out=out):
+        return 0
     md, page, studies = build_report(results, out, args.include_quick, args.alpha, args.correction)
     print(f"wrote {md} and {page} ({len(studies)} studies: {', '.join(studies) or 'none'})")
     return 0

@@ -335,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = common.resolve_config(ScoreErrorConfig, args, quick=quick_preset)
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
-    out = common.results_folder(STUDY, args, quick=cfg.quick)
+    out = common.results_folder(STUDY, args, quick=cfg.quick, create=not args.check)
+    if common.report_check(args, f"studies.{STUDY}", cfg):
+        return None
     metrics = run(cfg, out, progress=args.progress, argv=argv)
     print((out / "table.md").read_text())
     print(f"\nresults in {out} ({metrics['timings']['total']:.0f} s)")

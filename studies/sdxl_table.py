@@ -184,14 +184,17 @@ def check_run_folders(dirs: list[str | Path]) -> None:
 
 
 def main(argv=None) -> dict:
-    from odecm.cli import positive_int
+    from odecm.cli import add_check_arg, positive_int, report_check
 
     ap = argparse.ArgumentParser(prog="python -m studies.sdxl_table", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="sdxl.evaluate output folders (or sample folders with eval/)")
     ap.add_argument("--out", default="results/sdxl_table")
     ap.add_argument("--grid-captions", type=positive_int, default=4, help="captions per image grid (>= 1)")
+    add_check_arg(ap)
     args = ap.parse_args(argv)
     check_run_folders(args.runs)
+    if report_check(args, "studies.sdxl_table", runs=len(args.runs), out=args.out):
+        return None
     runs = load_runs(args.runs)
     table = build_table(runs)
     out = Path(args.out)

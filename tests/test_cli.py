@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -91,3 +92,71 @@ def test_import_odecm_loads_no_diffusers():
     code = "import sys, odecm, odecm.cli, odecm.config, odecm.solvers, odecm.training; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# --- --check: validate the command line and config, write nothing -------------------------------------------
+
+ENTRY_POINTS = ["studies.score_error", "studies.paradox_map", "studies.image_world", "studies.latent_space",
+                "studies.inductive_bias", "studies.solver_ablation", "studies.report", "studies.sdxl_table",
+                "sdxl.train", "sdxl.precompute_targets", "sdxl.latent_cache", "sdxl.reference", "sdxl.sample",
+                "sdxl.evaluate"]
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_entry_point_takes_check(module, capsys):
+    import importlib
+
+    if module.startswith("sdxl."):
+        pytest.importorskip("diffusers")
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(["--help"])
+    assert exc.value.code == 0 and "--check" in capsys.readouterr().out
+
+
+def test_check_prints_one_ok_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from studies import score_error
+
+    monkeypatch.chdir(tmp_path)
+    assert score_error.main(["--check", "--quick", "--set", "seeds=[0]"]) is None
+    assert score_error.main(["--check", "--out", "given", "--overwrite"]) is None
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(re.fullmatch(r"ok: studies\.score_error config valid \(\d+ keys\)", ln) for ln in out)
+    assert _files(tmp_path) == []  # neither results/score_error/<stamp> nor --out was made
+
+
+def test_check_refuses_what_a_run_refuses(tmp_path, capsys):
+    from studies import score_error
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "metrics.json").write_text("{}")
+    before = _files(tmp_path)
+    for argv, problem in [(["--set", "solvers=[rk4]"], "solvers.0: 'rk4' is not allowed"),
+                          (["--out", str(tmp_path / "full")], "already holds results")]:
+        with pytest.raises(SystemExit) as exc:
+            run_main(score_error.main, ["--check", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and problem in err and "Traceback" not in err
+    assert _files(tmp_path) == before  # --overwrite was not given: nothing cleared
+
+
+def test_sdxl_check_runs_the_door_checks_without_a_model(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("diffusers")
+    from sdxl import train
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as under a launcher: tiny_cpu's batch 4 does not split over 3
+    with pytest.raises(InputError, match="distill.batch_size=4 is not divisible by the 3 processes"):
+        train.main(["--config", "tiny_cpu", "--set", f"out_dir={tmp_path / 'run'}", "--check"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="data.path"):
+        train.main(["--config", "tiny_cpu", "--set", f"out_dir={tmp_path / 'run'}", "data.source=images",
+                    f"data.path={tmp_path / 'no_such_folder'}", "--check"])
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train.main(["--config", "tiny_cpu", "--set", f"out_dir={tmp_path / 'run'}", "--resume", "latest", "--check"])
+    assert train.main(["--config", "tiny_cpu", "--set", f"out_dir={tmp_path / 'run'}", "--check"]) is None
+    assert capsys.readouterr().out.startswith("ok: sdxl.train config valid (")
+    assert _files(tmp_path) == []
