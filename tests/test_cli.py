@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
-from odecm.cli import InputError, add_config_args, config_from_args, positive_int, provenance, run_main
+from odecm.cli import (
+    InputError,
+    add_config_args,
+    config_from_args,
+    positive_int,
+    provenance,
+    run_main,
+)
 from odecm.config import ConfigError, DistillConfig, load_config, save_config
 
 
@@ -160,3 +167,43 @@ def test_sdxl_check_runs_the_door_checks_without_a_model(tmp_path, monkeypatch, 
     assert train.main(["--config", "tiny_cpu", "--set", f"out_dir={tmp_path / 'run'}", "--check"]) is None
     assert capsys.readouterr().out.startswith("ok: sdxl.train config valid (")
     assert _files(tmp_path) == []
+
+
+def test_sdxl_data_and_eval_checks_write_nothing(tmp_path, capsys):
+    """--check of latent_cache, precompute_targets, reference, sample and evaluate: the door checks run (a bad
+    input fails), nothing is written, one ok line each."""
+    pytest.importorskip("diffusers")
+    import importlib
+
+    from sdxl.data import make_synthetic_dataset
+    from sdxl_eval_fakes import fake_reference, fake_run, fake_samples, files_under
+
+    images = tmp_path / "images"
+    make_synthetic_dataset(images, 4, size=32, seed=0)
+    (tmp_path / "captions.txt").write_text("a red cat\na blue dog\n")
+    ref = fake_reference(tmp_path / "ref")
+    lora = fake_run(tmp_path / "run")
+    samples = fake_samples(tmp_path / "samples", ref)
+    lines = {
+        "sdxl.latent_cache": [f"data={images}", f"out={tmp_path / 'cache'}", "model=tiny", "resolution=32",
+                              "device=cpu"],
+        "sdxl.precompute_targets": ["--config", "tiny_cpu", "--set", "distill.method=direct_cd",
+                                    f"precompute.out={tmp_path / 'targets'}"],
+        "sdxl.reference": [f"captions={tmp_path / 'captions.txt'}", "model.pretrained=tiny", "resolution=32",
+                           f"cache_dir={tmp_path / 'refcache'}", f"out_dir={tmp_path / 'ref2'}"],
+        "sdxl.sample": [f"reference={ref}", f"weights={lora}", f"out_dir={tmp_path / 'samples2'}"],
+        "sdxl.evaluate": [f"samples={samples}", "weights.fid_inception=null"],
+    }
+    before = files_under(tmp_path)
+    for module, argv in lines.items():
+        argv = argv if argv[0] == "--config" else ["--set", *argv]
+        main = importlib.import_module(module).main
+        assert main([*argv, "--check"]) is None
+        assert capsys.readouterr().out.startswith(f"ok: {module} config valid ("), module
+    assert files_under(tmp_path) == before
+    for module, key in [("sdxl.latent_cache", "data"), ("sdxl.reference", "captions"), ("sdxl.sample", "reference"),
+                        ("sdxl.evaluate", "samples")]:  # the input the line reads is missing
+        argv = [f"{key}={tmp_path / 'missing'}" if a.startswith(f"{key}=") else a for a in lines[module]]
+        with pytest.raises(ConfigError, match=key):
+            importlib.import_module(module).main(["--set", *argv, "--check"])
+    assert files_under(tmp_path) == before
