@@ -175,8 +175,9 @@ def test_sdxl_data_and_eval_checks_write_nothing(tmp_path, capsys):
     pytest.importorskip("diffusers")
     import importlib
 
-    from sdxl.data import make_synthetic_dataset
     from sdxl_eval_fakes import fake_reference, fake_run, fake_samples, files_under
+
+    from sdxl.data import make_synthetic_dataset
 
     images = tmp_path / "images"
     make_synthetic_dataset(images, 4, size=32, seed=0)
