@@ -113,6 +113,15 @@ def _files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+def test_the_list_of_entry_points_is_complete():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = {f"{p.parent.name}.{p.stem}" for d in ("studies", "sdxl") for p in (root / d).glob("*.py")
+             if "run_main(main)" in p.read_text()}
+    assert found == set(ENTRY_POINTS)
+
+
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_every_entry_point_takes_check(module, capsys):
     import importlib
