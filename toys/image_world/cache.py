@@ -2,20 +2,22 @@
 
 The key is ``sha256`` of the canonical JSON of everything that determines the model (data
 fingerprint, architecture, training settings, seed, ``CODE_VERSION``); any change gives a new key, so
-a stale model is never loaded. Writes are atomic (temporary file, then ``os.replace``), the JSON
+a stale model is never loaded. Writes are atomic (``odecm.atomic``: a private temporary name, then a rename), the JSON
 written last, so a half-written entry is never seen as complete. ``cache_dir`` defaults to
-``$ODECM_CACHE_DIR`` or ``~/.cache/odecm``.
+``odecm.runs.cache_root()`` (``$ODECM_CACHE_DIR``, else ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
+
+from odecm.atomic import atomic_path, write_text_atomic
+from odecm.runs import cache_root as odecm_cache_root
 
 __all__ = ["CODE_VERSION", "cache_root", "config_key", "CacheEntry", "cached_module"]
 
@@ -24,8 +26,9 @@ CODE_VERSION = 1
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir / image_world`` (default ``$ODECM_CACHE_DIR`` or ``~/.cache/odecm``)."""
-    base = Path(cache_dir) if cache_dir is not None else Path(os.environ.get("ODECM_CACHE_DIR", Path.home() / ".cache" / "odecm"))
+    """``cache_dir / image_world`` (default: ``odecm.runs.cache_root()``, i.e. ``$ODECM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/odecm``, else ``~/.cache/odecm``)."""
+    base = Path(cache_dir) if cache_dir is not None else odecm_cache_root()
     return base / "image_world"
 
 
@@ -59,13 +62,10 @@ class CacheEntry:
         from safetensors.torch import save_file
 
         self.weights.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.weights.with_name(self.weights.name + f".tmp{os.getpid()}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
-        os.replace(tmp, self.weights)
-        tmp_meta = self.meta.with_name(self.meta.name + f".tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps({"kind": self.kind, "key": self.key, "config": self.config,
-                                        "info": info or {}}, indent=1, sort_keys=True, default=str))
-        os.replace(tmp_meta, self.meta)
+        with atomic_path(self.weights) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+        write_text_atomic(self.meta, json.dumps({"kind": self.kind, "key": self.key, "config": self.config,
+                                                 "info": info or {}}, indent=1, sort_keys=True, default=str))
 
 
 def cached_module(kind: str, config: dict[str, Any], module: nn.Module, train: Callable[[nn.Module], dict[str, Any]],
