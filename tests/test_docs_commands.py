@@ -32,6 +32,7 @@ tests/test_paper_protocol.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import io
@@ -41,7 +42,6 @@ import shlex
 import subprocess
 import sys
 from contextlib import redirect_stdout
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -76,15 +76,15 @@ SDXL_HUB = {"stabilityai/stable-diffusion-xl-base-1.0": "pipeline", "madebyollin
 
 
 # ----------------------------------------------------------------------------------------------- extraction
-@dataclass
+@dataclasses.dataclass
 class Command:
     doc: str          # README.md or docs/<name>.md
     line: int         # first line in the file
     text: str         # the whole (joined, unrolled) line, comment stripped
     kind: str         # entry | module | pytest | bash | pip | shell | setup | unknown
     module: str = ""
-    argv: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    argv: list[str] = dataclasses.field(default_factory=list)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
     gpu: bool = False
 
     def __str__(self) -> str:
@@ -387,7 +387,7 @@ def check_command(cmd: Command, monkeypatch) -> str | None:
     if notation:
         return f"usage notation or an unfilled placeholder, not a command line: {notation} (add it to PLACEHOLDERS?)"
     if cmd.kind == "entry":
-        cmd.argv = _glob(_fill(cmd.argv))
+        cmd = dataclasses.replace(cmd, argv=_glob(_fill(cmd.argv)))
         _provide_inputs(cmd)
         out = run_check(cmd, monkeypatch)
         if f"ok: {cmd.module} " not in out:
