@@ -67,10 +67,7 @@ REAL_RUNS = {("README.md", "python -m studies.score_error"): ["--quick", "--out"
               "python -m sdxl.train --config tiny_cpu --set out_dir=runs/tiny_a distill.train_steps=2"): []}
 #: lines known not to run as written, in files this test's author may not edit (the fix is pending):
 #: they must still fail with this message (so the list stays true); fix the doc, then drop the entry
-PENDING_FIXES = {
-    ("docs/image_world.md", ("python -m studies.image_world --set students=[scratch,lora,mlp] "
-                             "--set guidance={scale: 2.0, convention: imagen}")): "'mlp' is unconditional",
-}
+PENDING_FIXES: dict[tuple[str, str], str] = {}
 SHELL_OK = {"mkdir", "printf", "echo"}
 SDXL_HUB = {"stabilityai/stable-diffusion-xl-base-1.0": "pipeline", "madebyollin/sdxl-vae-fp16-fix": "vae"}
 
