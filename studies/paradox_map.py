@@ -7,7 +7,8 @@ One run = one 2D map: ``rows`` x ``cols``, each an axis of
 ``score_error`` (the teacher's knob within one family: ``wrong_gmm`` / ``nonconservative`` delta,
 ``learned`` DSM budget), ``width`` / ``depth`` (student capacity), ``train_steps`` (training budget,
 evaluated along one run), ``dim`` (data dimension), ``n_modes`` (modes of the ``random`` preset) and
-``k`` (the k-step target: 1 = CD, ``all`` = N = Direct CD). The default map is score error x student
+``k`` (the k-step target: 1 = CD, ``all`` = N = Direct CD) and ``direct_first`` (CD as a fine-tuner: P steps
+of Direct CD, then CD up to ``train.train_steps``; 0 = plain CD). The default map is score error x student
 width; ``studies/configs/paradox_map_*.yaml`` ship the others.
 
 Per cell, over seeds (``studies.seeding``: every source not under study varies with the seed), the two
@@ -18,6 +19,11 @@ students of the comparison are paired by seed:
   student, whose target takes ``min(k, n)`` teacher steps then the target network. Its k = 1 cells are
   the CD students themselves (reference cells, difference 0 by construction, not counted) and k >= N
   is trained as Direct CD (the trainer's guarantee: the same loss on the same batch).
+
+On a ``direct_first`` axis the first student of each cell (``cd`` in the JSON) is the two-phase one: P
+steps of Direct CD, then CD with the same optimizer and learning rate (``TrainConfig.direct_first_steps``),
+``train.train_steps`` steps in all; it is compared with Direct CD trained for the same total budget. Its
+P = 0 cells are the ordinary CD vs Direct CD cells.
 
 Each cell reports ``E_solver`` (eq. 6 against the teacher's solver chain from the member's evaluation
 noise), ``w2_teacher`` (W2 of the one-step samples to the teacher's exact-ODE samples from independent
@@ -53,17 +59,19 @@ from .seeding import SeedConfig
 STUDY = "paradox_map"
 
 #: axis name -> how it is realised: ``route`` (members of one ensemble), ``shape`` (separate ensembles),
-#: ``target`` (separate trainings with another k), ``budget`` (evaluation steps along one run)
+#: ``target`` (separate trainings with another k or another two-phase schedule), ``budget`` (evaluation
+#: steps along one run)
 AXES = {"score_error": "route", "n_modes": "route", "width": "shape", "depth": "shape", "dim": "shape",
-        "k": "target", "train_steps": "budget"}
-AxisName = Literal["score_error", "n_modes", "width", "depth", "dim", "k", "train_steps"]
+        "k": "target", "direct_first": "target", "train_steps": "budget"}
+AxisName = Literal["score_error", "n_modes", "width", "depth", "dim", "k", "direct_first", "train_steps"]
 #: teacher families with a continuous (or integer) knob, and what the knob is
 KNOBS = {"wrong_gmm": "delta", "nonconservative": "delta", "learned": "budget"}
 
 
 class AxisConfig(StrictModel):
     """One axis of the map: ``name`` and its ``values`` (ints for width / depth / dim / n_modes /
-    train_steps, >= 0 numbers for score_error, ints >= 1 or ``"all"`` for k)."""
+    train_steps, >= 0 numbers for score_error, ints >= 1 or ``"all"`` for k, ints >= 0 for direct_first:
+    Direct CD steps before CD takes over, each < ``train.train_steps``, checked by the map)."""
 
     name: AxisName
     values: list[int | float | str]
@@ -81,6 +89,11 @@ class AxisConfig(StrictModel):
             bad = [x for x in v if not (x == "all" or (isinstance(x, int) and x >= 1))]
             if bad:
                 raise ValueError(f"k: bad values {bad}; allowed: integers >= 1 or 'all'")
+        elif name == "direct_first":
+            bad = [x for x in v if not isinstance(x, int) or x < 0]
+            if bad:
+                raise ValueError(f"direct_first: bad values {bad}; allowed: integers >= 0 (Direct CD steps before CD, "
+                                 f"0 = plain CD), each < train.train_steps")
         elif name == "score_error":
             bad = [x for x in v if isinstance(x, str) or x < 0]
             if bad:
@@ -178,7 +191,10 @@ class ParadoxMapConfig(StrictModel):
         t = self.train
         if t.method != "cd" or t.k is not None or t.direct_first_steps:
             raise ValueError("train.method / train.k / train.direct_first_steps are set by the map (CD vs Direct CD "
-                             "or cd_k); leave them at their defaults (method 'cd', k null, direct_first_steps 0)")
+                             "or cd_k; the two-phase schedule is the axis 'direct_first'); leave them at their "
+                             "defaults (method 'cd', k null, direct_first_steps 0)")
+        if "direct_first" in names:
+            self._check_direct_first(names)
         if "train_steps" in names:
             if t.lr_schedule != "constant":
                 raise ValueError(f"axis train_steps reads budgets along one run: train.lr_schedule must be 'constant', "
@@ -186,6 +202,20 @@ class ParadoxMapConfig(StrictModel):
             if min(self.axis_values("train_steps")) <= t.warmup_steps:
                 raise ValueError(f"axis train_steps: every budget must exceed train.warmup_steps={t.warmup_steps}")
         return self
+
+    def _check_direct_first(self, names: set[str]) -> None:
+        """A ``direct_first`` map compares the two-phase student with Direct CD of the same total budget."""
+        T = self.train.train_steps
+        bad = [p for p in self.axis_values("direct_first") if p >= T]
+        if bad:
+            raise ValueError(f"direct_first: bad values {bad}; allowed: integers 0 <= P < train.train_steps={T} "
+                             f"(P Direct CD steps, then CD for the remaining train_steps - P)")
+        if "k" in names or self.k != "all":
+            raise ValueError(f"direct_first: the two-phase student is compared with Direct CD; allowed with it: "
+                             f"k='all' and no k axis (got k={self.k!r}, axes {sorted(names)})")
+        if "train_steps" in names:
+            raise ValueError("direct_first: the total budget is train.train_steps; allowed axes beside it: "
+                             f"{sorted(a for a in AXES if a not in ('direct_first', 'train_steps', 'k'))}")
 
     def axis_values(self, name: str) -> list:
         for ax in (self.rows, self.cols):
@@ -197,17 +227,26 @@ class ParadoxMapConfig(StrictModel):
 def quick_overrides(cfg: ParadoxMapConfig) -> dict[str, Any]:
     """``--quick``: the smoke version of the configured map (never evidence): the first and last value of
     each axis (budgets 40 and 80 on a ``train_steps`` axis; on a ``k`` axis the first k > 1, so a k-step
-    student is trained), two seeds, 80 steps of batch 32, small pools and evaluation sets. Applied after
-    ``--config`` and before ``--set``, so every shipped map has a smoke version."""
+    student is trained; on a ``direct_first`` axis the first and last P rescaled to the 80-step budget,
+    ``round(80 P / train.train_steps)``, clipped to 1..79 for P > 0), two seeds, 80 steps of batch 32,
+    small pools and evaluation sets. Applied after ``--config`` and before ``--set``, so every shipped map
+    has a smoke version."""
+    steps = 80
+
     def axis(ax: AxisConfig) -> dict:
         vals = list(ax.values)
         if ax.name == "k" and len(vals) > 2:
             vals = [v for v in vals if v != 1]
-        vals = [40, 80] if ax.name == "train_steps" else list(dict.fromkeys([vals[0], vals[-1]]))
+        vals = list(dict.fromkeys([vals[0], vals[-1]]))
+        if ax.name == "train_steps":
+            vals = [40, 80]
+        elif ax.name == "direct_first":
+            vals = list(dict.fromkeys(p and min(max(1, round(steps * p / cfg.train.train_steps)), steps - 1)
+                                      for p in vals))
         return {"name": ax.name, "values": vals}
 
     return {"quick": True, "rows": axis(cfg.rows), "cols": axis(cfg.cols), "seeds": list(cfg.seeds[:2]),
-            "train": {"train_steps": 80, "batch_size": 32, "pool_size": 2048, "warmup_steps": 10, "log_every": 20},
+            "train": {"train_steps": steps, "batch_size": 32, "pool_size": 2048, "warmup_steps": 10, "log_every": 20},
             "eval": {"num_samples": 200, "max_points": 200, "score_error_samples": 64}}
 
 

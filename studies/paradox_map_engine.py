@@ -10,9 +10,11 @@
   (eq. 6) and at budgets ``w2_teacher`` / ``w2_p0``.
 * ``world_floors``: W2 floors per world (two independent samples of the same distribution, >= 10 draws).
 
-Method of a cell: ``cd`` (k = 1, the online student under stop-gradient), ``direct_cd`` (k = all, or
-k >= N: every row of the target reaches t_0 through the solver, the trainer's Direct CD guarantee) or
-``("cd_k", k)``. The CD training of a shape is shared by every k of that shape.
+Methods of a cell: its ``base`` (the ``cd`` side: CD, k = 1, the online student under stop-gradient; on a
+``direct_first`` axis ``("direct_first", P)``: P Direct CD steps, then CD, P = 0 being CD itself) and its
+compared ``method``: ``direct_cd`` (k = all, or k >= N: every row of the target reaches t_0 through the
+solver, the trainer's Direct CD guarantee) or ``("cd_k", k)``. The CD training of a shape is shared by
+every k of that shape, the Direct CD training by every P.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .cells import log, make_world_schedule
 Tensor = torch.Tensor
 STUDY = "paradox_map"
 
-__all__ = ["Cell", "Training", "MapPlan", "plan_map", "method_of", "Worlds", "MapResults", "run_trainings",
+__all__ = ["Cell", "Training", "MapPlan", "plan_map", "method_of", "base_of", "Worlds", "MapResults", "run_trainings",
            "world_floors", "w2", "world_label"]
 
 EXACT_TOL = 1e-10  # measured score errors below this are float rounding (wrong_gmm δ = 0 is the exact teacher)
@@ -52,6 +54,12 @@ def method_of(k: int | str, grid_size: int) -> tuple[str, int | None]:
     if k == "all" or int(k) >= grid_size:
         return DIRECT
     return ("cd_k", int(k))
+
+
+def base_of(direct_first: int) -> tuple[str, int | None]:
+    """The ``cd`` side of a cell: CD, or for P = ``direct_first`` > 0 the two-phase student
+    ``("direct_first", P)`` (P steps of Direct CD, then CD; ``TrainConfig.direct_first_steps``)."""
+    return CD if not direct_first else ("direct_first", int(direct_first))
 
 
 def world_label(key: tuple, kind: str) -> str:
@@ -78,6 +86,7 @@ class Cell:
     k: int | str
     budget: int
     method: tuple[str, int | None]
+    base: tuple[str, int | None] = CD
 
     @property
     def world(self) -> tuple:
@@ -90,7 +99,7 @@ class Cell:
     @property
     def reference(self) -> bool:
         """k = 1: the compared student is the CD student itself (difference 0 by construction)."""
-        return self.method == CD
+        return self.method == self.base
 
     @property
     def label(self) -> str:
@@ -99,12 +108,15 @@ class Cell:
 
 @dataclass
 class Training:
-    """One batched ensemble: ``method`` on student ``shape``; members = ``worlds`` x seeds (world-major)."""
+    """One batched ensemble: ``method`` on student ``shape``; members = ``worlds`` x seeds (world-major);
+    E is read at every budget, half of each (convergence) and at ``switches`` (the step P where a
+    two-phase student of the map turns from Direct CD to CD)."""
 
     shape: tuple[int, int, int]
     method: tuple[str, int | None]
     worlds: list[tuple] = field(default_factory=list)
     budgets: set[int] = field(default_factory=set)
+    switches: set[int] = field(default_factory=set)
 
     @property
     def key(self) -> tuple:
@@ -116,7 +128,7 @@ class Training:
 
     def eval_steps(self, convergence: bool) -> list[int]:
         halves = {b // 2 for b in self.budgets if b >= 2} if convergence else set()
-        return sorted(self.budgets | halves)
+        return sorted(self.budgets | halves | self.switches)
 
 
 @dataclass
@@ -135,7 +147,7 @@ def plan_map(cfg) -> MapPlan:
     N = grid.numel() - 1
     base = {"score_error": cfg.teacher.knob if cfg.teacher.kind != "exact" else None,
             "dim": cfg.data.dim, "n_modes": cfg.data.n_modes, "width": cfg.network.width,
-            "depth": cfg.network.depth, "k": cfg.k, "train_steps": cfg.train.train_steps}
+            "depth": cfg.network.depth, "k": cfg.k, "train_steps": cfg.train.train_steps, "direct_first": 0}
     if cfg.data.preset == "random" and base["n_modes"] is None:
         base["n_modes"] = 8
     cells, trainings, worlds = [], {}, []
@@ -145,15 +157,17 @@ def plan_map(cfg) -> MapPlan:
             knob = None if p["score_error"] is None else float(p["score_error"])
             n_modes = p["n_modes"] if cfg.data.preset == "random" else None
             cell = Cell(i, j, {cfg.rows.name: rv, cfg.cols.name: cv}, knob, int(p["dim"]), n_modes, int(p["width"]),
-                        int(p["depth"]), p["k"], int(p["train_steps"]), method_of(p["k"], N))
+                        int(p["depth"]), p["k"], int(p["train_steps"]), method_of(p["k"], N), base_of(p["direct_first"]))
             cells.append(cell)
             if cell.world not in worlds:
                 worlds.append(cell.world)
-            for method in dict.fromkeys([CD, cell.method]):  # CD first; a k = 1 cell needs CD only
+            for method in dict.fromkeys([cell.base, cell.method]):  # CD first; a k = 1 cell needs CD only
                 tr = trainings.setdefault((cell.shape, method), Training(cell.shape, method))
                 if cell.world not in tr.worlds:
                     tr.worlds.append(cell.world)
                 tr.budgets.add(cell.budget)
+                if cell.base != CD:  # E at the switch, on the two-phase student and on Direct CD
+                    tr.switches.add(cell.base[1])
     return MapPlan(cells, trainings, worlds, schedule, grid)
 
 
@@ -282,7 +296,17 @@ class MapResults:
 
 
 def method_name(method: tuple) -> str:
+    if method[0] == "direct_first":
+        return f"direct_first(P={method[1]})->cd"
     return method[0] if method[1] is None else f"cd_k(k={method[1]})"
+
+
+def train_update(method: tuple) -> dict[str, Any]:
+    """The ``TrainConfig`` fields that make a training of ``method``."""
+    name, k = method
+    if name == "direct_first":
+        return {"method": "cd", "k": None, "direct_first_steps": k}
+    return {"method": name, "k": k}
 
 
 def run_trainings(cfg, plan: MapPlan, progress: bool = False) -> MapResults:
@@ -310,8 +334,7 @@ def run_trainings(cfg, plan: MapPlan, progress: bool = False) -> MapResults:
                   for w, s in members]
         evals = [W.seed_eval(w, s) for w, s in members]
         xs = torch.stack([e.x_T for e in evals]).float()
-        method, k = tr.method
-        tcfg = cfg.train.model_copy(update={"method": method, "k": k, "train_steps": tr.train_steps})
+        tcfg = cfg.train.model_copy(update={**train_update(tr.method), "train_steps": tr.train_steps})
         steps: dict[int, list[dict]] = {}
 
         def on_eval(step, student, ema, _evals=evals, _steps=steps, _budgets=tr.budgets):

@@ -3,7 +3,8 @@
 Sign convention (every panel, every JSON difference): positive = the paradox direction.
 
 * ``dE = E_cd - E_direct``: > 0 when the compared student (Direct CD, or cd_k) solves the teacher's ODE
-  better (paper eq. 6 against the teacher's solver chain);
+  better (paper eq. 6 against the teacher's solver chain); on a ``direct_first`` axis ``cd`` is the
+  two-phase student (P Direct CD steps, then CD) and the compared student Direct CD of the same budget;
 * ``dQ = W2_direct - W2_cd`` to the teacher's samples (``verdicts``) or to p_0 (``verdicts_p0``): > 0 when
   CD's one-step samples are the closer ones.
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import common, evidence, plotting
 from .paradox_map_engine import CD, MapPlan, MapResults, method_name, world_label
+from .stats import paired_difference
 
 __all__ = ["build_metrics", "validate_metrics", "render_table", "draw_map", "plot", "write", "METRICS", "PANELS"]
 
@@ -32,6 +34,7 @@ AXIS_LABELS = {
     "dim": "data dimension d",
     "n_modes": "mixture modes K ('random' preset)",
     "k": "k: teacher steps in the target\n(1 = CD; all = N = {N} = Direct CD)",
+    "direct_first": "P: Direct CD steps before CD\n(of {steps}; 0 = plain CD)",
     "train_steps": "training budget (optimizer steps,\nconstant lr after {warmup} warm-up)",
 }
 KNOB_NAMES = {"wrong_gmm": "δ", "nonconservative": "δ", "learned": "DSM budget"}
@@ -44,9 +47,9 @@ KNOB_DEFINITIONS = {
 }
 #: panel -> (verdict block, difference, colorbar label)
 PANELS = (
-    ("verdicts", "dE", "dE = E_CD − E_{cmp} (data units²)\n> 0 (red): {cmp} lower E"),
-    ("verdicts", "dQ", "dW2 to the teacher's samples = W2_{cmp} − W2_CD (data units)\n> 0 (red): CD closer"),
-    ("verdicts_p0", "dQ", "dW2 to p_0 = W2_{cmp} − W2_CD (data units)\n> 0 (red): CD closer"),
+    ("verdicts", "dE", "dE = E_{base} − E_{cmp} (data units²)\n> 0 (red): {cmp} lower E"),
+    ("verdicts", "dQ", "dW2 to the teacher's samples = W2_{cmp} − W2_{base} (data units)\n> 0 (red): {base} closer"),
+    ("verdicts_p0", "dQ", "dW2 to p_0 = W2_{cmp} − W2_{base} (data units)\n> 0 (red): {base} closer"),
 )
 PANEL_TITLES = ("ODE error E (eq. 6, vs the teacher's solver)", "distance to the teacher's samples",
                 "distance to p_0 (second question)")
@@ -56,7 +59,7 @@ def _axis_block(cfg, axis, W, plan: MapPlan) -> dict:
     t = cfg.teacher
     text = AXIS_LABELS[axis.name].format(kind=t.kind, knob=KNOB_NAMES.get(t.kind, ""), depth=cfg.network.depth,
                                          width=cfg.network.width, N=plan.grid.numel() - 1,
-                                         warmup=cfg.train.warmup_steps)
+                                         warmup=cfg.train.warmup_steps, steps=cfg.train.train_steps)
     ticks = [str(v) for v in axis.values]
     if axis.name == "score_error":
         ticks = []
@@ -67,13 +70,34 @@ def _axis_block(cfg, axis, W, plan: MapPlan) -> dict:
             "definition": KNOB_DEFINITIONS.get(t.kind, "") if axis.name == "score_error" else text.replace("\n", " ")}
 
 
+def _paired(a, b) -> dict:
+    d = paired_difference(a, b)
+    return {"mean": d.mean, "low": d.low, "high": d.high, "level": d.level, "p_value": d.p_value}
+
+
+def _switch_block(cell, keys: dict, per: dict, res: MapResults, seeds: list) -> dict:
+    """A two-phase cell: E at the switch step P (the two-phase student after its Direct CD phase, and Direct CD
+    at P: the same student), what CD then did to it (``change``: E at the budget minus E at P, paired by seed)
+    and, where the map trains plain CD of that shape, the two-phase student minus plain CD (``vs_cd``);
+    uncorrected 95% paired t-intervals over seeds."""
+    P = cell.base[1]
+    at_p = {m: res.at(key, P, cell.world, seeds, "E_solver") for m, key in keys.items()}
+    out = {"step": P, **{m: common.stat(v) for m, v in at_p.items()},
+           "change": {"E_solver": _paired(per["cd"]["E_solver"], at_p["cd"])}}
+    cd_key = (cell.shape, CD)
+    if cd_key in res.values and cell.budget in res.values[cd_key]:
+        out["vs_cd"] = {k: _paired(per["cd"][k], res.at(cd_key, cell.budget, cell.world, seeds, k))
+                        for k in ("E_solver", "w2_teacher")}
+    return out
+
+
 def build_metrics(cfg, plan: MapPlan, res: MapResults, floors: Mapping[str, dict]) -> dict:
     """The metrics dict: ``studies.evidence`` schema (one regime per cell, row-major) plus the ``map`` block."""
     W, seeds = res.worlds, list(cfg.seeds)
     N = plan.grid.numel() - 1
     regimes, reference = [], []
     for cell in plan.cells:
-        keys = {"cd": (cell.shape, CD), "direct_cd": (cell.shape, cell.method)}
+        keys = {"cd": (cell.shape, cell.base), "direct_cd": (cell.shape, cell.method)}
         per = {m: {k: res.at(key, cell.budget, cell.world, seeds, k) for k in METRICS} for m, key in keys.items()}
         conv = {}
         if cell.budget // 2 in res.values[keys["cd"]] and cell.budget >= 2:
@@ -85,7 +109,10 @@ def build_metrics(cfg, plan: MapPlan, res: MapResults, floors: Mapping[str, dict
         compared = method_name(cell.method)
         resolved = {"teacher": cfg.teacher.kind, "knob": cell.knob, "score_error": se_mean, "score_error_values": se,
                     "dim": cell.dim, "n_modes": cell.n_modes, "width": cell.width, "depth": cell.depth, "k": cell.k,
-                    "train_steps": cell.budget, "compared": compared, "world": world_label(cell.world, cfg.teacher.kind)}
+                    "train_steps": cell.budget, "compared": compared, "base": method_name(cell.base),
+                    "direct_first": cell.base[1] or 0, "world": world_label(cell.world, cfg.teacher.kind)}
+        if cell.base != CD:
+            resolved["switch"] = _switch_block(cell, keys, per, res, seeds)
         reg = evidence.regime_entry(cell.label, f"{cfg.rows.name}={cell.params[cfg.rows.name]}", cell.params, per,
                                     switches={"score_error": se_mean, "decoder": "identity"}, converged=conv or None,
                                     cell=resolved, position=[cell.row, cell.col], reference=cell.reference)
@@ -97,6 +124,11 @@ def build_metrics(cfg, plan: MapPlan, res: MapResults, floors: Mapping[str, dict
     v = evidence.verdicts(counted, "w2_teacher", e_key="E_solver", quick=cfg.quick, method=st.correction, alpha=st.alpha)
     v_p0 = evidence.verdicts(counted, "w2_p0", e_key="E_solver", quick=cfg.quick, method=st.correction, alpha=st.alpha)
     cmp = "Direct CD" if all(c.method == ("direct_cd", None) or c.reference for c in plan.cells) else "the cd_k student"
+    two_phase = any(c.base != CD for c in plan.cells)
+    cd_text = "CD (k = 1): one teacher step, then the online student under stop-gradient (eq. 4)"
+    if two_phase:
+        cd_text = ("per cell (regime 'cell.base'): the two-phase student, P = direct_first steps of Direct CD (eq. 5), "
+                   "then CD (eq. 4) with the same optimizer and learning rate up to the budget; P = 0 is plain CD")
     first = next(iter(floors.values()), {})
     metrics = {
         "study": "paradox_map", "quick": cfg.quick,
@@ -109,13 +141,14 @@ def build_metrics(cfg, plan: MapPlan, res: MapResults, floors: Mapping[str, dict
         "map": {
             "title": cfg.title, "rows": _axis_block(cfg, cfg.rows, W, plan), "cols": _axis_block(cfg, cfg.cols, W, plan),
             "comparison": {
-                "cd": "CD (k = 1): one teacher step, then the online student under stop-gradient (eq. 4)",
+                "cd": cd_text, "base": "DCD→CD" if two_phase else "CD",
                 "direct_cd": ("per cell (regime 'cell.compared'): Direct CD (eq. 5: the teacher solver to t_0) where "
                               "k = all or k >= N, else the cd_k student (min(k, n) teacher steps, then the target "
                               "network); a k = 1 cell compares CD with itself (a reference cell: not counted)"),
                 "compared": cmp, "reference_cells": reference},
             "sign": {"dE": "E_cd - E_direct: > 0 = the compared student has the lower E",
-                     "dQ": "W2_direct - W2_cd: > 0 = CD's samples are closer"},
+                     "dQ": "W2_direct - W2_cd: > 0 = CD's samples are closer"
+                           + (" (cd = the two-phase student DCD→CD)" if two_phase else "")},
             "teacher": {**cfg.teacher.model_dump(), "definition": KNOB_DEFINITIONS[cfg.teacher.kind]},
             "worlds": [{"label": world_label(w, cfg.teacher.kind), "score_error": W.score_errors(w)} for w in plan.worlds],
             "held_fixed": {"seeding.hold_fixed": list(cfg.seeding.hold_fixed),
@@ -221,6 +254,7 @@ def draw_map(metrics: Mapping):
     rows, cols = mp["rows"], mp["cols"]
     R, C = len(rows["values"]), len(cols["values"])
     cmp = "Direct CD" if mp["comparison"]["compared"] == "Direct CD" else "cd_k"
+    base = mp["comparison"].get("base", "CD")
     fig, axes = plotting.new_figure(1, 3, size=(0.68 * C + 1.9, 0.55 * R + 2.0))  # size per panel
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.85")
     for p, ((block, diff, cbar), title) in enumerate(zip(PANELS, PANEL_TITLES)):
@@ -258,21 +292,24 @@ def draw_map(metrics: Mapping):
         ax.set_ylabel(rows["label"], fontsize=7)
         ax.set_title(title, fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-        cb.set_label(cbar.format(cmp=cmp) + " (symlog scale)", fontsize=6)
+        cb.set_label(cbar.format(cmp=cmp, base=base) + " (symlog scale)", fontsize=6)
         cb.ax.tick_params(labelsize=5)
     v = metrics["verdicts"]
     corr = v.get("correction", {})
     n_seeds = len(metrics["regimes"][0]["methods"]["cd"]["E_solver"]["values"]) if metrics["regimes"] else 0
-    fig.suptitle(plotting.title(
-        f"{mp['title']}: CD vs {cmp}, mean over {n_seeds} seeds [interval at the {corr.get('method')}-corrected level, "
-        f"m = {corr.get('num_comparisons')} cells]", metrics["quick"]), fontsize=9)
-    note = (mp["teacher"]["definition"] + f". /// = paradox ({cmp} lower E and CD closer to the teacher's samples, "
+    suptitle = textwrap.fill(plotting.title(
+        f"{mp['title']}: {base} vs {cmp}, mean over {n_seeds} seeds [interval at the {corr.get('method')}-corrected level, "
+        f"m = {corr.get('num_comparisons')} cells]", metrics["quick"]), int(fig.get_figwidth() * 72 / 5.2))
+    fig.suptitle(suptitle, fontsize=9)  # ~5.2 pt per character at fontsize 9; narrow maps get two lines
+    note = (mp["teacher"]["definition"] + (". DCD→CD = P Direct CD steps, then CD (same optimizer, same total budget as "
+                                           "Direct CD)" if base != "CD" else "")
+            + f". /// = paradox ({cmp} lower E and {base} closer to the teacher's samples, "
             "both intervals > 0); \\\\\\ = the same against p_0 (separately corrected; primary paradox cells "
-            "outlined); * = interval excludes 0; † = CD not converged on every seed (E moved > 5% since half the "
+            f"outlined); * = interval excludes 0; † = {base} not converged on every seed (E moved > 5% since half the "
             "budget). Budget: " + ", ".join(str(b) for b in metrics["budget"].get("budgets", [])) + " steps.")
     width_chars = int(fig.get_figwidth() * 72 / 3.6)  # ~3.6 pt per character at fontsize 6
     fig.text(0.5, 0.01, textwrap.fill(note, width_chars), ha="center", va="bottom", fontsize=6)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.94))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.94 - 0.03 * suptitle.count("\n")))
     return fig
 
 
@@ -306,7 +343,8 @@ def render_table(metrics: Mapping) -> str:
         cd, dc = r["methods"]["cd"], r["methods"]["direct_cd"]
         conv = (r.get("converged") or {}).get("cd")
         a, b = v.get(r["label"]), v0.get(r["label"])
-        rows.append([r["label"], r["cell"]["compared"], common.fmt(r["cell"]["score_error"]), fs(cd["E_solver"]),
+        base = r["cell"].get("base", "cd")
+        rows.append([r["label"], r["cell"]["compared"] + ("" if base == "cd" else f" vs {base}"), common.fmt(r["cell"]["score_error"]), fs(cd["E_solver"]),
                      fs(dc["E_solver"]), _ci(a and a["dE"]), fs(cd["w2_teacher"]), fs(dc["w2_teacher"]),
                      _ci(a and a["dQ"]), _ci(b and b["dQ"]), f"{sum(conv)}/{len(conv)}" if conv else "-",
                      a["verdict"] if a else "reference (= CD)", b["verdict"] if b else "-"])
@@ -319,6 +357,17 @@ def render_table(metrics: Mapping) -> str:
              f"Signs: dE = {mp['sign']['dE']}; dQ = {mp['sign']['dQ']}. Intervals: paired t over seeds at the "
              f"{corr['method']}-corrected level (m = {corr['num_comparisons']} cells, alpha {corr['alpha']}).", "",
              cells_budget_line(metrics), "", common.markdown_table(head, rows), ""]
+    switch = [r for r in metrics["regimes"] if r["cell"].get("switch")]
+    if switch:
+        lines += ["Two-phase students: E at the switch (step P, after the Direct CD phase; = Direct CD's at P), mean ± "
+                  "std over seeds; what the CD phase changed (E at the budget - E at P) and the two-phase student "
+                  "minus plain CD of the same seed, uncorrected 95% paired t-intervals:", ""]
+        for r in switch:
+            sw = r["cell"]["switch"]
+            vs = sw.get("vs_cd", {})
+            lines.append(f"- {r['label']}: E at step {sw['step']} {fs(sw['cd'])}; change {_ci(sw['change']['E_solver'])}"
+                         + (f"; vs plain CD: E {_ci(vs['E_solver'])}, W2→teacher {_ci(vs['w2_teacher'])}" if vs else ""))
+        lines.append("")
     if metrics.get("floors"):
         lines += ["Finite-sample W2 floors (two independent samples of the same size; mean ± sd over draws):", ""]
         for w, f in metrics["floors"].items():
