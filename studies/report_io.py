@@ -275,5 +275,11 @@ def merge_regimes(regimes: Sequence[dict], study_merged: Sequence[dict] | None =
 
 
 def display_name(r: dict) -> str:
-    """A regime's name with every member merged into it: ``"ddim N=10 = euler N=10"``."""
-    return " = ".join(dict.fromkeys(r.get("members") or [r.get("label", "")]))
+    """A regime's name with every member merged into it: ``"ddim N=10 = euler N=10"``; when its CD side is
+    not plain CD or its other side not Direct CD (paradox_map's ``direct_first`` / ``k`` axes: ``cell.base``,
+    ``cell.compared``), the name says what stands there."""
+    name = " = ".join(dict.fromkeys(r.get("members") or [r.get("label", "")]))
+    cell = r.get("cell") or {}
+    sides = [f"{side} side: {cell[key]}" for key, side, plain in (("base", "CD", "cd"), ("compared", "Direct CD", "direct_cd"))
+             if cell.get(key) not in (None, plain)]
+    return f"{name} ({'; '.join(sides)})" if sides else name

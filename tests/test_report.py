@@ -451,3 +451,14 @@ def test_cli_writes_both_files_and_refuses_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(report.main, ["--results", str(root), "--alpha", "1.5"])
     assert e.value.code == 2 and "alpha" in capsys.readouterr().err
+
+
+def test_display_name_says_what_stands_on_each_side():
+    from studies.report_io import display_name
+
+    assert display_name({"label": "width=64"}) == "width=64"
+    assert display_name({"label": "a", "members": ["a", "b"], "cell": {"base": "cd", "compared": "direct_cd"}}) == "a = b"
+    two_phase = {"label": "direct_first=500", "cell": {"base": "direct_first(P=500)->cd", "compared": "direct_cd"}}
+    assert display_name(two_phase) == "direct_first=500 (CD side: direct_first(P=500)->cd)"
+    k_cell = {"label": "k=4", "cell": {"base": "cd", "compared": "cd_k(k=4)"}}
+    assert display_name(k_cell) == "k=4 (Direct CD side: cd_k(k=4))"
