@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .atomic import write_text_atomic
 from .checkpoint import load_tensors_into, rng_state, set_rng_state
 from .distributed import broadcast_hex
 from .runs import ResumePolicy, RunDirError, check_resume_config, grows, new_run_id, resolve_resume
@@ -131,8 +132,10 @@ class TrainerCheckpoints:
         totals = meta["totals"]
         self._totals = {k: totals[k] for k in ("optimizer_steps", "overflow_skips", "wall_seconds", "segments")}
         if self.is_main and self.log_path.exists():  # drop log lines past the restored step
-            keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
-            self.log_path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [ln for ln in self.log_path.read_text().splitlines() if _log_line_step(ln) is not None
+                    and _log_line_step(ln) <= self.step]
+            # atomic: a kill during the rewrite leaves the old log, never an empty or half-written one
+            write_text_atomic(self.log_path, "".join(ln + "\n" for ln in keep))
 
     def _apply_fresh_hyperparameters(self) -> None:
         """After loading: the optimizer settings of *this* config win over the checkpoint's (its
@@ -197,3 +200,13 @@ class TrainerCheckpoints:
             raise RunDirError(f"out_dir={str(self.out_dir)!r} already holds checkpoints {[p.name for _, p in published]}; "
                               "pass resume='latest' to continue that run, or start in a new or empty out_dir")
         self.run_id = broadcast_hex(new_run_id(), self._device())
+
+
+def _log_line_step(line: str) -> int | None:
+    """The ``step`` of one ``log.jsonl`` line (0 when it has none); None for an empty line or one a kill
+    cut short (not valid JSON), which a resume drops."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None

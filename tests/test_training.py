@@ -89,6 +89,30 @@ def test_resume_matches_uninterrupted_run(tmp_path, ema):
     assert {"loss", "grad_norm", "target_evals", "time_s"} <= set(log[0])
 
 
+def test_resume_trims_the_log_atomically_and_drops_a_line_cut_by_a_kill(tmp_path, monkeypatch):
+    from odecm import trainer_checkpoints
+
+    first, _ = _make_trainer(tmp_path, 4)
+    first.run()
+    log_path = tmp_path / "log.jsonl"
+    with log_path.open("a") as fh:  # a killed segment: step 5 logged past the checkpoint, step 6 cut short
+        fh.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    before = log_path.read_text()
+
+    def killed(path, text):  # the process dies while the trimmed log is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_checkpoints, "write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _make_trainer(tmp_path, 8)[0].run(resume="latest")
+    assert log_path.read_text() == before  # the old log survives a kill during the rewrite
+    monkeypatch.undo()
+    second, _ = _make_trainer(tmp_path, 8)
+    second.run(resume="latest")
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+
+
 def test_nonfinite_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
     trainer, student = _make_trainer(tmp_path, 20, nan_after=4, checkpoint_every=2, max_nonfinite=3)
     with pytest.raises(NonFiniteLossError, match="non-finite.*Last good checkpoint"):
