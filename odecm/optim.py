@@ -6,13 +6,15 @@ bitsandbytes is reported there, naming the config key and the install command.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any, Callable, Iterable
 
 import torch
 
 from .config import ConfigError
 
-__all__ = ["OPTIMIZER_NAMES", "MissingPackageError", "check_optimizer", "make_optimizer", "constant_with_warmup"]
+__all__ = ["OPTIMIZER_NAMES", "MissingPackageError", "check_optimizer", "make_optimizer", "constant_with_warmup",
+           "warmup_then"]
 
 OPTIMIZER_NAMES = ("adam", "adamw", "adamw8bit", "sgd")
 
@@ -51,7 +53,23 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr
     return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+def warmup_then(schedule: str, warmup_steps: int, train_steps: int) -> Callable[[int], float]:
+    """The lr factor of step ``s`` (0-based): ``(s + 1) / warmup_steps`` during the warm-up, then 1
+    (``schedule="constant"``) or ``(1 + cos(pi p)) / 2`` with ``p = (s - warmup) / (train_steps - warmup)``
+    clipped to 1 (``"cosine"``). For ``torch.optim.lr_scheduler.LambdaLR``."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr schedule {schedule!r}; allowed: 'constant', 'cosine'")
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, train_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
 def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then constant (the paper: constant lr 1e-4)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then("constant", warmup_steps, 0))

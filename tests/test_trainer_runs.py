@@ -300,3 +300,27 @@ def test_a_loop_setting_mirroring_a_run_config_key_is_noted_once(tmp_path, capsy
     again.run(resume="latest")
     assert again.resume_notes == ["distill.train_steps: 2 -> 3"]
     assert capsys.readouterr().out.count("train_steps: 2 -> 3") == 1
+
+
+def test_warmup_then_is_linear_warmup_then_constant_or_half_cosine():
+    import math
+
+    from odecm.optim import constant_with_warmup, warmup_then
+
+    cos = warmup_then("cosine", 10, 110)
+    assert [cos(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert cos(10) == 1.0 and abs(cos(60) - 0.5) < 1e-15 and cos(110) == 0.0 and cos(500) == 0.0
+    assert abs(cos(35) - 0.5 * (1 + math.cos(math.pi * 0.25))) < 1e-15
+    const = warmup_then("constant", 4, 0)
+    assert [const(s) for s in (0, 3, 4, 100)] == [0.25, 1.0, 1.0, 1.0]
+    assert warmup_then("cosine", 0, 100)(0) == 1.0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = constant_with_warmup(opt, 4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="allowed: 'constant', 'cosine'"):
+        warmup_then("linear", 0, 10)

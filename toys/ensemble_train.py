@@ -35,6 +35,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from odecm.objectives import add_noise, consistency_loss, draw_indices, get_distance
+from odecm.optim import warmup_then
 from odecm.training import EMATarget
 
 from .ensemble_config import TrainConfig, TrainHistory
@@ -147,17 +148,6 @@ def ensemble_loss(cfg: TrainConfig, student: "EnsembleStudent", provider: Routed
     return out
 
 
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "cosine":
-            prog = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
-        return 1.0
-    return f
-
-
 def _ema_view(student: "EnsembleStudent", target: EMATarget) -> "EnsembleStudent | None":
     if target.module is None:
         return None
@@ -227,7 +217,7 @@ def train_ensemble(
 
     params = list(student.net.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(cfg.lr_schedule, cfg.warmup_steps, cfg.train_steps))
 
     hist = TrainHistory()
     start = time.perf_counter()

@@ -18,7 +18,6 @@ Training step (per member m, with its own generator for batch order and its own 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -29,7 +28,13 @@ from tqdm.auto import tqdm
 
 from odecm.config import StrictModel
 from odecm.denoisers import Denoiser, NFECounter, index_cond
-from odecm.objectives import PrecomputedTarget, add_noise, consistency_loss, draw_indices
+from odecm.objectives import (
+    PrecomputedTarget,
+    add_noise,
+    consistency_loss,
+    draw_indices,
+)
+from odecm.optim import warmup_then
 from odecm.schedules import NoiseSchedule
 from odecm.solvers import get_solver
 from odecm.training import EMATarget
@@ -139,17 +144,6 @@ class TrainHistory:
                 "eval_seconds": self.eval_seconds}
 
 
-def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "cosine":
-            prog = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
-        return 1.0
-    return f
-
-
 def train_students(method: str, cfg: TrainConfig, student: StudentEnsemble, pools: Sequence[TargetPool], grid: Tensor,
                    schedule: NoiseSchedule, on_budget: Callable[[int, StudentEnsemble], None] | None = None,
                    budgets: Sequence[int] = (), device: str = "cpu", progress: bool | str = False) -> TrainHistory:
@@ -164,7 +158,7 @@ def train_students(method: str, cfg: TrainConfig, student: StudentEnsemble, pool
     params = [student.trainable(m) for m in range(E)]
     lr = cfg.lora_lr if student.kind == "lora" else cfg.lr
     opt = torch.optim.Adam([p for ps in params for p in ps], lr=lr, betas=cfg.adam_betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(cfg.lr_schedule, cfg.warmup_steps, cfg.train_steps))
     target = EMATarget(student.f, cfg.ema_rate if method == "cd" else 0.0)
     dtype = next(student.stack.parameters()).dtype
     conditional = pools[0].labels is not None
