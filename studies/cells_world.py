@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "DataConfig", "WorldConfig", "EvalConfig", "World", "build_world", "make_world_schedule", "grid_problem",
-    "check_grid", "EvalSet", "EvalCache", "make_eval_set",
+    "check_grid", "GridChecked", "EvalSet", "EvalCache", "make_eval_set",
 ]
 
 
@@ -81,7 +81,25 @@ def check_grid(grid: str, schedule: str | None, grid_size: int | None = None, ti
         raise PydanticCustomError("grid", problem)
 
 
-class WorldConfig(StrictModel):
+class GridChecked(StrictModel):
+    """Base of a config with ``schedule``, ``timestep_offset``, ``grid`` and ``grid_size`` fields: the grid
+    must fit the schedule and N the grid (``check_grid``), checked field by field."""
+
+    @field_validator("grid", check_fields=False)
+    @classmethod
+    def _grid_fits_schedule(cls, v: str, info: ValidationInfo) -> str:
+        check_grid(v, info.data.get("schedule"), None, info.data.get("timestep_offset"))
+        return v
+
+    @field_validator("grid_size", check_fields=False)
+    @classmethod
+    def _grid_size_fits_grid(cls, v: int, info: ValidationInfo) -> int:
+        if "grid" in info.data:
+            check_grid(info.data["grid"], info.data.get("schedule"), v, info.data.get("timestep_offset"))
+        return v
+
+
+class WorldConfig(GridChecked):
     """Teacher solver and time grid (the teacher itself is the exact GMM denoiser). Defaults follow the
     paper: SDXL's discrete schedule with the paper's indexing (``timestep_offset=1``: timesteps 1..1000,
     the clean point at 0), the LCM skip grid with N = 20 (0, 50, ..., 1000), DDIM, LCM boundary scalings."""
@@ -96,19 +114,6 @@ class WorldConfig(StrictModel):
     grid_size: int = Field(20, ge=1, validate_default=True,
                            description="N, the number of grid intervals (skip grid: N | 1000)")
     boundary: Literal["lcm", "edm"] = "lcm"
-
-    @field_validator("grid")
-    @classmethod
-    def _grid_fits_schedule(cls, v: str, info: ValidationInfo) -> str:
-        check_grid(v, info.data.get("schedule"), None, info.data.get("timestep_offset"))
-        return v
-
-    @field_validator("grid_size")
-    @classmethod
-    def _grid_size_fits_grid(cls, v: int, info: ValidationInfo) -> int:
-        if "grid" in info.data:
-            check_grid(info.data["grid"], info.data.get("schedule"), v, info.data.get("timestep_offset"))
-        return v
 
 
 class EvalConfig(StrictModel):

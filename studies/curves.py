@@ -18,7 +18,7 @@ Schema of ``metrics["curves"]`` (a list, one entry per trained cell)::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -27,7 +27,7 @@ from pydantic_core import PydanticCustomError
 from odecm.config import StrictModel
 
 from . import plotting
-from .common import stat
+from .common import check_study_train, stat
 from .evidence import CONVERGENCE_TOL, converged_flags
 
 __all__ = ["CurveConfig", "CurveRecorder", "check_curve_budget", "check_curve_keys", "plot_curves", "half_index"]
@@ -179,3 +179,21 @@ def plot_curves(curves: Sequence[Mapping], path, keys: Sequence[str], quick: boo
     plotting.legend_outside(fig, axes)
     fig.suptitle(plotting.title(title + " (mean ± std over seeds)", quick), fontsize=9)
     return plotting.save(fig, path, rect=(0, 0.06, 1, 0.96))
+
+
+class TrainedStudyConfig(StrictModel):
+    """Base of a toy study's config with a ``train`` block and ``curves``: the train block keeps the
+    study-set keys at their defaults (``common.check_study_train``) and the curve keys are the study's
+    ``CURVE_KEYS`` (``check_curve_keys``)."""
+
+    CURVE_KEYS: ClassVar[Sequence[str]] = ()
+
+    @field_validator("train", check_fields=False)
+    @classmethod
+    def _train(cls, v: Any) -> Any:
+        return check_study_train(v)
+
+    @field_validator("curves", check_fields=False)
+    @classmethod
+    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
+        return check_curve_keys(v, cls.CURVE_KEYS)

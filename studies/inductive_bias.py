@@ -30,13 +30,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from odecm.cli import run_main
-from odecm.config import StrictModel
 from toys.ensemble import Route, TrainConfig
 from toys.networks import NetworkConfig
 
 from . import cells, common, evidence, plotting
 from .cells import DataConfig, EvalConfig, WorldConfig
-from .curves import CurveConfig, check_curve_budget, check_curve_keys, plot_curves
+from .curves import CurveConfig, TrainedStudyConfig, check_curve_budget, plot_curves
 from .seeding import SeedConfig
 
 STUDY = "inductive_bias"
@@ -46,7 +45,8 @@ TABLE_KEYS = ("E", "E_exact", "w2", "mmd2", "modes_covered", "variance_ratio", "
 SWEPT_LISTS = {"capacity": "capacity", "budget": "budgets", "target": "ema_rates", "dimension": "dims"}
 
 
-class InductiveBiasConfig(StrictModel):
+class InductiveBiasConfig(TrainedStudyConfig):
+    CURVE_KEYS = cells.CURVE_KEYS
     quick: bool = Field(False, description="a smoke run (set by --quick): never evidence")
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
@@ -82,16 +82,6 @@ class InductiveBiasConfig(StrictModel):
     @classmethod
     def _no_value_twice(cls, v: list) -> list:
         return common.distinct(v) if v else v  # non-empty when swept: checked below
-
-    @field_validator("train")
-    @classmethod
-    def _train(cls, v: TrainConfig) -> TrainConfig:
-        return common.check_study_train(v)
-
-    @field_validator("curves")
-    @classmethod
-    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
-        return check_curve_keys(v, cells.CURVE_KEYS)
 
     @model_validator(mode="after")
     def _check(self):

@@ -39,7 +39,7 @@ from toys.networks import NetworkConfig
 
 from . import cells, common, evidence, plotting
 from .cells import DataConfig, EvalConfig, WorldConfig
-from .curves import CurveConfig, check_curve_budget, check_curve_keys, plot_curves
+from .curves import CurveConfig, TrainedStudyConfig, check_curve_budget, plot_curves
 from .seeding import SeedConfig
 
 STUDY = "latent_space"
@@ -62,7 +62,8 @@ class DecoderSpec(StrictModel):
                 "render": f"render{self.size}x{self.size}"}[self.kind]
 
 
-class LatentSpaceConfig(StrictModel):
+class LatentSpaceConfig(TrainedStudyConfig):
+    CURVE_KEYS = cells.CURVE_KEYS
     quick: bool = Field(False, description="a smoke run (set by --quick): never evidence")
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
@@ -93,16 +94,6 @@ class LatentSpaceConfig(StrictModel):
     def _distinct_decoders(cls, v: list[DecoderSpec]) -> list[DecoderSpec]:
         common.distinct([d.name for d in v])  # results are keyed by decoder name
         return v
-
-    @field_validator("train")
-    @classmethod
-    def _train(cls, v: TrainConfig) -> TrainConfig:
-        return common.check_study_train(v)
-
-    @field_validator("curves")
-    @classmethod
-    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
-        return check_curve_keys(v, cells.CURVE_KEYS)
 
     @model_validator(mode="after")
     def _check(self):

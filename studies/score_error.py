@@ -39,7 +39,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
@@ -49,8 +49,9 @@ from toys.ensemble import Route, TrainConfig, init_from_teacher, make_ensemble_s
 from toys.networks import NetworkConfig
 
 from . import common, evidence
-from .cells import check_grid, log
-from .curves import CurveConfig, CurveRecorder, check_curve_budget, check_curve_keys
+from .cells import log
+from .cells_world import GridChecked
+from .curves import CurveConfig, CurveRecorder, TrainedStudyConfig, check_curve_budget
 from .score_error_world import (PRIMARY, QUALITY_KEYS, SECONDARY, TEACHER_QUALITY_KEYS, SeedData,  # noqa: F401
                                 TeacherWorld, World, curve_eval, errors, member_row, quality, teacher_ode)
 from .seeding import SeedConfig
@@ -112,7 +113,8 @@ class EvalSettings(StrictModel):
     mechanism: bool = Field(True, description="error decomposition student/teacher/true ODE per member")
 
 
-class ScoreErrorConfig(StrictModel):
+class ScoreErrorConfig(GridChecked, TrainedStudyConfig):
+    CURVE_KEYS = CURVE_KEYS
     renamed_keys = {"num_steps": "grid_size"}
 
     quick: bool = Field(False, description="a smoke run (set by --quick): never evidence")
@@ -144,19 +146,6 @@ class ScoreErrorConfig(StrictModel):
     threads: int = Field(1, ge=1, description="torch intra-op threads")
     plots: bool = True
 
-    @field_validator("grid")
-    @classmethod
-    def _grid_fits_schedule(cls, v: str, info: ValidationInfo) -> str:
-        check_grid(v, info.data.get("schedule"), None, info.data.get("timestep_offset"))
-        return v
-
-    @field_validator("grid_size")
-    @classmethod
-    def _grid_size_fits_grid(cls, v: int, info: ValidationInfo) -> int:
-        if "grid" in info.data:
-            check_grid(info.data["grid"], info.data.get("schedule"), v, info.data.get("timestep_offset"))
-        return v
-
     @field_validator("methods", "solvers", "seeds", "inits")
     @classmethod
     def _distinct(cls, v: list) -> list:
@@ -169,16 +158,6 @@ class ScoreErrorConfig(StrictModel):
         if len(set(labels)) != len(labels):
             raise PydanticCustomError("listed_twice", f"labels {labels}: a label listed twice; allowed: distinct labels")
         return common.distinct(v)
-
-    @field_validator("train")
-    @classmethod
-    def _train(cls, v: TrainConfig) -> TrainConfig:
-        return common.check_study_train(v)
-
-    @field_validator("curves")
-    @classmethod
-    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
-        return check_curve_keys(v, CURVE_KEYS)
 
     @model_validator(mode="after")
     def _check(self):

@@ -25,20 +25,21 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from odecm.cli import run_main
-from odecm.config import SolverName, StrictModel
+from odecm.config import SolverName
 from toys.ensemble import Route, TrainConfig
 from toys.networks import NetworkConfig
 
 from . import cells, common, evidence, plotting
 from .cells import DataConfig, EvalConfig, WorldConfig, check_grid
-from .curves import CurveConfig, check_curve_budget, check_curve_keys, plot_curves
+from .curves import CurveConfig, TrainedStudyConfig, check_curve_budget, plot_curves
 from .seeding import SeedConfig
 
 STUDY = "solver_ablation"
 TABLE_KEYS = ("E", "E_exact", "w2", "mmd2", "modes_covered", "variance_ratio")
 
 
-class SolverAblationConfig(StrictModel):
+class SolverAblationConfig(TrainedStudyConfig):
+    CURVE_KEYS = cells.CURVE_KEYS
     renamed_keys = {"num_steps": "grid_sizes"}
 
     quick: bool = Field(False, description="a smoke run (set by --quick): never evidence")
@@ -85,16 +86,6 @@ class SolverAblationConfig(StrictModel):
             for n in v:
                 check_grid(world.grid, world.schedule, n, world.timestep_offset)
         return v
-
-    @field_validator("train")
-    @classmethod
-    def _train(cls, v: TrainConfig) -> TrainConfig:
-        return common.check_study_train(v)
-
-    @field_validator("curves")
-    @classmethod
-    def _curve_keys(cls, v: CurveConfig) -> CurveConfig:
-        return check_curve_keys(v, cells.CURVE_KEYS)
 
     @model_validator(mode="after")
     def _check(self):
