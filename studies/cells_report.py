@@ -82,13 +82,7 @@ def run_study(study: str, model, quick: dict[str, Any], run: Callable, argv: lis
     ``run(cfg, out_dir=folder, progress=..., argv=argv)`` (which writes every file); return the folder."""
     args = common.parse_args(study, argv, description)
     cfg = common.resolve_config(model, args, quick)
-    updates = {}
-    if args.threads is not None:
-        updates["threads"] = args.threads
-    if not args.progress:
-        updates["progress"] = False
-    if updates:
-        cfg = cfg.model_copy(update=updates)
+    cfg = common.apply_run_flags(cfg, args)
     out = common.results_folder(study, args, quick=cfg.quick, create=not args.check)
     if common.report_check(args, f"studies.{study}", cfg):
         return None

@@ -42,6 +42,7 @@ from odecm.cli import (InputError, add_config_args, config_from_args, overrides_
 from odecm.config import ConfigError, load_config, read_config_file
 
 __all__ = [
+    "apply_run_flags",
     "parse_args",
     "resolve_config",
     "report_check",
@@ -141,6 +142,18 @@ def check_study_train(train: Any) -> Any:
         raise PydanticCustomError("set_by_the_study", f"{shown}: the study sets the method of each student (CD and "
                                   "Direct CD); allowed: the defaults method 'cd', k null, direct_first_steps 0")
     return train
+
+
+def apply_run_flags(cfg: M, args: argparse.Namespace) -> M:
+    """``cfg`` with the command line's ``--threads`` (when given) and ``--no-progress`` applied to the
+    config fields of those names that the study has."""
+    fields = type(cfg).model_fields
+    updates: dict[str, Any] = {}
+    if getattr(args, "threads", None) is not None and "threads" in fields:
+        updates["threads"] = args.threads
+    if not getattr(args, "progress", True) and "progress" in fields:
+        updates["progress"] = False
+    return cfg.model_copy(update=updates) if updates else cfg
 
 
 def results_folder(study: str, args: argparse.Namespace | None = None, out: str | Path | None = None,

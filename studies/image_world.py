@@ -156,8 +156,7 @@ def run(cfg: ImageWorldConfig, out_dir: str | Path | None = None, progress: bool
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(STUDY, argv, description=__doc__.split("\n")[0])
     cfg = common.resolve_config(ImageWorldConfig, args, quick=QUICK)
-    if args.threads:
-        cfg = cfg.model_copy(update={"threads": args.threads})
+    cfg = common.apply_run_flags(cfg, args)
     check_at_the_door(cfg)
     out = common.results_folder(STUDY, args, create=not args.check)
     if common.report_check(args, f"studies.{STUDY}", cfg):

@@ -286,13 +286,7 @@ def run(cfg: ParadoxMapConfig, out_dir=None, progress: bool | None = None, argv:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = common.parse_args(STUDY, argv, description=__doc__.splitlines()[0])
     cfg = resolve(args)
-    updates: dict[str, Any] = {}
-    if args.threads is not None:
-        updates["threads"] = args.threads
-    if not args.progress:
-        updates["progress"] = False
-    if updates:
-        cfg = cfg.model_copy(update=updates)
+    cfg = common.apply_run_flags(cfg, args)
     out = common.results_folder(STUDY, args, quick=cfg.quick, create=not args.check)
     if common.report_check(args, f"studies.{STUDY}", cfg):
         return None

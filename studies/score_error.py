@@ -312,8 +312,7 @@ def run(cfg: ScoreErrorConfig, out_dir=None, progress: bool = False, argv=None) 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = common.parse_args(STUDY, argv, description=__doc__.split("\n")[0])
     cfg = common.resolve_config(ScoreErrorConfig, args, quick=quick_preset)
-    if args.threads:
-        cfg = cfg.model_copy(update={"threads": args.threads})
+    cfg = common.apply_run_flags(cfg, args)
     out = common.results_folder(STUDY, args, quick=cfg.quick, create=not args.check)
     if common.report_check(args, f"studies.{STUDY}", cfg):
         return None
