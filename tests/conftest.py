@@ -31,13 +31,9 @@ import pytest  # noqa: E402
 def odecm_cache_dir(tmp_path_factory):
     """odecm's cache folder for this session (``$ODECM_CACHE_DIR``), restored afterwards."""
     folder = tmp_path_factory.mktemp("odecm_cache")
-    old = os.environ.get("ODECM_CACHE_DIR")
-    os.environ["ODECM_CACHE_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("ODECM_CACHE_DIR", None)
-    else:
-        os.environ["ODECM_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:  # restored afterwards
+        mp.setenv("ODECM_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -41,13 +40,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("odecm_cache")
-    old = os.environ.get("ODECM_CACHE_DIR")
-    os.environ["ODECM_CACHE_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("ODECM_CACHE_DIR", None)
-    else:
-        os.environ["ODECM_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:  # restored afterwards
+        mp.setenv("ODECM_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
