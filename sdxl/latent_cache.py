@@ -259,10 +259,6 @@ def _encode_unit(unit: _Unit, encoders: Encoders, cfg: LatentCacheConfig,
     return tensors, captions, names
 
 
-def _write_json(path: Path, value: dict) -> None:
-    write_json_atomic(path, value, indent=1)
-
-
 def _append_log(folder: Path, record: dict) -> None:
     with (folder / "log.jsonl").open("a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -337,7 +333,7 @@ def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progre
                 save_file(tensors, str(tmp), metadata=dict(captions=json.dumps(captions), names=json.dumps(names),
                                                           source=unit.name))
         index["shards"][file] = dict(count=len(captions), source=unit.name, **_unit_record(unit_stats))
-        _write_json(index_path, index)
+        write_json_atomic(index_path, index, indent=1)
         encoded += len(captions)
         stats.merge(unit_stats)
         _append_log(folder, dict(event="unit", shard=file, source=unit.name, count=len(captions),
@@ -353,7 +349,7 @@ def build_cache(cfg: LatentCacheConfig, encoders: Encoders | None = None, progre
     index["skipped"] = stats.count
     index["skipped_by_reason"] = dict(stats.by_reason)
     index["complete"] = True
-    _write_json(index_path, index)
+    write_json_atomic(index_path, index, indent=1)
     _finish(folder, stats, index, "complete", time.perf_counter() - t0, encoded)
     log.info("latent cache %s: %d samples, %s", folder, index["num_samples"], stats.describe())
     return folder
@@ -367,7 +363,7 @@ def _finish(folder: Path, stats: SkipStats, index: dict, status: str, seconds: f
                    seconds=seconds, samples_per_second=encoded / seconds if seconds > 0 else None, **stats.summary())
     if error:
         metrics["error"] = error
-    _write_json(folder / "metrics.json", metrics)
+    write_json_atomic(folder / "metrics.json", metrics, indent=1)
     _append_log(folder, dict(event=status, **{k: metrics[k] for k in ("num_samples", "skipped", "skip_fraction")},
                              skipped_by_reason={r: n for r, n in stats.by_reason.items() if n}))
 
