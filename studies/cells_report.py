@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import common, plotting
+from . import common, evidence, plotting
 
 __all__ = ["markdown_table", "budget_line", "merged_note", "floor_line", "verdict_table", "write_outputs", "run_study"]
 
@@ -29,10 +29,7 @@ def markdown_table(regimes: list[dict], keys: Sequence[str], quick: bool, method
 def budget_line(metrics: Mapping) -> str:
     """The budget every finding states, and the convergence rule."""
     b = metrics["budget"]
-    return (f"Budget: {b['train_steps']} steps x batch {b['batch_size']} per member, lr {b['lr']:g} "
-            f"({b['lr_schedule']}, {b['warmup_steps']} warm-up), EMA rate {b['ema_rate']:g}, init "
-            f"{b['init']}{' (' + str(b['init_steps']) + ' regression steps)' if b['init_steps'] else ''}. "
-            f"Converged = seeds whose {b['convergence_rule']}.")
+    return evidence.budget_line(b, f"EMA rate {b['ema_rate']:g}, init {evidence.init_text(b, b['init'])}")
 
 
 def merged_note(merged: Sequence[Mapping]) -> str:

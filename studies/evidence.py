@@ -33,7 +33,7 @@ from .stats import (RegimeInput, bootstrap_interval, classify_regimes, floor_dis
                     paired_bootstrap, paired_difference)
 
 __all__ = ["CONVERGENCE_RULE", "converged_flags", "regime_entry", "add_differences", "eval_intervals",
-           "solver_equivalences", "merge_regimes", "verdicts", "floor_block", "budget_block", "summary_line",
+           "solver_equivalences", "merge_regimes", "verdicts", "floor_block", "budget_block", "budget_line", "summary_line",
            "interval_levels", "METHODS"]
 
 METHODS = ("cd", "direct_cd")
@@ -161,6 +161,20 @@ def budget_block(train, init_steps: int, grid_size: int | None, **extra: Any) ->
             "lr_schedule": train.lr_schedule, "warmup_steps": train.warmup_steps, "ema_rate": train.ema_rate,
             "init_steps": init_steps, "init": "teacher" if init_steps else "scratch", "grid_size": grid_size,
             "convergence_rule": CONVERGENCE_RULE, **extra}
+
+
+def budget_line(b: Mapping, details: str, steps: Any = None) -> str:
+    """The sentence a report states a ``budget_block`` ``b`` in: ``Budget: <steps> steps x batch .. per member,
+    lr .. (<schedule>, .. warm-up), <details>. Converged = seeds whose <rule>.`` (``steps``: ``b['train_steps']``
+    unless given)."""
+    return (f"Budget: {b['train_steps'] if steps is None else steps} steps x batch {b['batch_size']} per member, "
+            f"lr {b['lr']:g} ({b['lr_schedule']}, {b['warmup_steps']} warm-up), {details}. "
+            f"Converged = seeds whose {b['convergence_rule']}.")
+
+
+def init_text(b: Mapping, init: str) -> str:
+    """``init``, then `` (<init_steps> regression steps)`` when the budget ``b`` has any."""
+    return init + (f" ({b['init_steps']} regression steps)" if b["init_steps"] else "")
 
 
 def summary_line(study_verdicts: Mapping, quick: bool, quality_label: str) -> str:

@@ -383,10 +383,8 @@ def render_table(metrics: Mapping) -> str:
 
 def cells_budget_line(metrics: Mapping) -> str:
     b = metrics["budget"]
-    return (f"Budget: {', '.join(map(str, b['budgets']))} steps x batch {b['batch_size']} per member, lr {b['lr']:g} "
-            f"({b['lr_schedule']}, {b['warmup_steps']} warm-up), target EMA rate {b['ema_rate']:g}, grid N = "
-            f"{b['grid_size']}, solver {b['solver']}, student from scratch. Converged = seeds whose "
-            f"{b['convergence_rule']}.")
+    return evidence.budget_line(b, f"target EMA rate {b['ema_rate']:g}, grid N = {b['grid_size']}, solver "
+                                   f"{b['solver']}, student from scratch", steps=", ".join(map(str, b["budgets"])))
 
 
 def write(out: Path, metrics: dict, plots: bool = True) -> None:

@@ -192,10 +192,8 @@ def render_table(metrics: dict, cfg) -> str:
 
 def _budget(metrics: dict) -> str:
     b = metrics["budget"]
-    return (f"Budget: {b['train_steps']} steps x batch {b['batch_size']} per member, lr {b['lr']:g} ({b['lr_schedule']}, "
-            f"{b['warmup_steps']} warm-up), target EMA rate {b['ema_rate']:g} (0 = stop-gradient), init {', '.join(b['inits'])}"
-            f"{' (' + str(b['init_steps']) + ' regression steps)' if b['init_steps'] else ''}. Converged = seeds whose "
-            f"{b['convergence_rule']}.")
+    return evidence.budget_line(b, f"target EMA rate {b['ema_rate']:g} (0 = stop-gradient), init "
+                                   f"{evidence.init_text(b, ', '.join(b['inits']))}")
 
 
 # --- figures -----------------------------------------------------------------------------------------
