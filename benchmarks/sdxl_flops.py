@@ -84,13 +84,11 @@ def _cpu_attention_formulas() -> dict:
     return mapping
 
 
-def _count(fn) -> tuple[Any, int]:
+def count(fn) -> tuple[Any, int]:
+    """``(fn(), its FLOPs)``: torch's counter, plus the SDPA formulas for the CPU flash-attention kernel."""
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
         out = fn()
     return out, int(counter.get_total_flops())
-
-
-count = _count
 
 
 def pass_flops(unet, latent: int, device="meta", dtype=torch.float32) -> dict[str, int]:
@@ -112,13 +110,13 @@ def pass_flops(unet, latent: int, device="meta", dtype=torch.float32) -> dict[st
     try:
         with torch.no_grad():
             switch.set(False)
-            _, out["base_forward"] = _count(lambda: unet(x, t, **kw).sample)
+            _, out["base_forward"] = count(lambda: unet(x, t, **kw).sample)
             switch.set(True)
-            _, out["lora_forward"] = _count(lambda: unet(x, t, **kw).sample)
+            _, out["lora_forward"] = count(lambda: unet(x, t, **kw).sample)
         for ckpt in (False, True):
             unet.enable_gradient_checkpointing() if ckpt else unet.disable_gradient_checkpointing()
             y = unet(x, t, **kw).sample
-            _, flops = _count(lambda: y.float().pow(2).mean().backward())
+            _, flops = count(lambda: y.float().pow(2).mean().backward())
             out["lora_backward_checkpointed" if ckpt else "lora_backward"] = flops
             for p in unet.parameters():
                 p.grad = None
@@ -152,23 +150,23 @@ def counted_iteration(student, teacher, solver, grid, schedule, target_fn, metho
     with torch.no_grad():
         if method == "cd":
             t_prev = grid[(n - 1).cpu()].to(x0.device, torch.float32)
-            x_prev, flops["teacher"] = _count(lambda: solver.step(teacher, x_tn, t_n, t_prev, cond))
-            value, flops["target"] = _count(lambda: target_fn(x_prev, t_prev, cond))
+            x_prev, flops["teacher"] = count(lambda: solver.step(teacher, x_tn, t_n, t_prev, cond))
+            value, flops["target"] = count(lambda: target_fn(x_prev, t_prev, cond))
         elif mask_mode == "full":  # every step evaluates the whole batch: depth x one step, exactly
             depth = int(n.max())
             top = torch.full_like(n, depth)
-            _, one = _count(lambda: solver.step(teacher, x_tn, grid[top.cpu()].to(x0.device, torch.float32),
+            _, one = count(lambda: solver.step(teacher, x_tn, grid[top.cpu()].to(x0.device, torch.float32),
                                                  grid[(top - 1).cpu()].to(x0.device, torch.float32), cond))
             # the endpoint's values change no count: the student is compared with x_tn instead of
             # solving ~95 more steps (a minute at the paper setup)
             value, flops["teacher"], flops["target"] = x_tn, depth * one, 0
             teacher.evals *= depth
         else:
-            res, flops["teacher"] = _count(lambda: solve(solver, teacher, x_tn, grid, n, cond, mask_mode=mask_mode))
+            res, flops["teacher"] = count(lambda: solve(solver, teacher, x_tn, grid, n, cond, mask_mode=mask_mode))
             value, flops["target"] = res.x, 0
     l2 = get_distance("l2")
-    loss, flops["student_forward"] = _count(lambda: l2(student(x_tn, t_n, cond), value.float()).mean())
-    _, flops["student_backward"] = _count(lambda: loss.backward())
+    loss, flops["student_forward"] = count(lambda: l2(student(x_tn, t_n, cond), value.float()).mean())
+    _, flops["student_backward"] = count(lambda: loss.backward())
     for p in student.parameters():
         p.grad = None
     flops["teacher_sample_evals"] = teacher.evals

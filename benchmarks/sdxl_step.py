@@ -49,7 +49,7 @@ from odecm.objectives import CDTarget, DirectCDTarget, consistency_loss, draw_in
 from odecm.solvers import get_solver
 from odecm.training import EMATarget, make_optimizer
 
-from .sdxl_flops import counted_iteration, meta_twin, model_flops, pass_flops, switch_cost
+from .sdxl_flops import counted_iteration, meta_twin, model_flops, pass_flops, switch_cost, unet_inputs
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
                     "4090": 165.0}
@@ -123,7 +123,7 @@ class Bench:
         self.gen = torch.Generator().manual_seed(0)
         self._per_image: dict | None = None
         B = args.batch_size
-        _, kw = _inputs(self.unet, B, self.latent, device)
+        _, kw = unet_inputs(self.unet, B, self.latent, device, torch.float32)
         self.cond = {"prompt_embeds": kw["encoder_hidden_states"], "text_embeds": kw["added_cond_kwargs"]["text_embeds"],
                      "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] + [args.resolution] * 2] * B,
                                               dtype=torch.float32, device=device)}
@@ -188,12 +188,6 @@ class Bench:
             self.sync()
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
-
-
-def _inputs(unet, batch, latent, device):
-    from .sdxl_flops import unet_inputs
-
-    return unet_inputs(unet, batch, latent, device, torch.float32)
 
 
 def bench_method(bench: Bench, method: str) -> dict:
