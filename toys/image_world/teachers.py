@@ -17,7 +17,6 @@ per timestep, ``eps*`` from the exact empirical teacher and ``x_t`` drawn from t
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Literal
 
 import torch
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from odecm.config import StrictModel
 from odecm.denoisers import CFGDenoiser, Denoiser
+from odecm.optim import warmup_then
 from odecm.schedules import NoiseSchedule
 
 from .cache import cached_module
@@ -92,12 +92,7 @@ def _train_dsm(net: ConvUNet, cfg: LearnedTeacherConfig, images: Tensor, labels:
     ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema_rate > 0 else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
 
-    def lr_at(i: int) -> float:
-        if i < cfg.warmup_steps:
-            return (i + 1) / cfg.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (i - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then("cosine", cfg.warmup_steps, cfg.train_steps))
     t_lo, t_hi = int(schedule.t_min), int(schedule.t_max)
     losses = []
     net.train()
