@@ -28,6 +28,8 @@ from toys.image_world.metrics import (class_histogram, class_tv, feature_metrics
 from toys.image_world.teachers import guided
 from toys.image_world.world import Space, World
 
+from .common import stat
+
 Tensor = torch.Tensor
 
 __all__ = ["EvalSet", "Reference", "make_eval_set", "make_reference", "member_metrics", "reference_row", "heldout_row",
@@ -138,6 +140,4 @@ def fd_floor(world: World, draws: int, seed: int) -> dict[str, Any]:
     n = world.test_features.shape[0]
     vals = [frechet(train_feats[torch.randperm(train_feats.shape[0], generator=g)[:n]], world.test_features)
             for _ in range(draws)]
-    m = sum(vals) / len(vals)
-    sd = (sum((v - m) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
-    return {"mean": m, "std": sd, "values": vals, "size": n}
+    return {**stat(vals), "size": n}
