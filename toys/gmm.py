@@ -170,6 +170,12 @@ class GaussianMixture:
             return math.sqrt(float(torch.diagonal(self.covs, dim1=-2, dim2=-1).sum(-1).mean()))
         return self._min_pairwise_distance(positive=False)
 
+    def one_hot_sigma(self) -> float:
+        """``sigma_tilde`` below which an empirical mixture's posterior over its points is one-hot (log-odds of
+        order 1e4): 1e-2 x the smallest distance between distinct points (1e-2 for a single point)."""
+        spacing = self._min_pairwise_distance(positive=True) if self.num_components > 1 else 1.0
+        return 1e-2 * (spacing if math.isfinite(spacing) else 1.0)
+
     def _min_pairwise_distance(self, positive: bool, block: int = 1024) -> float:
         """Smallest ``|m_j - m_k|`` over ``j != k`` (``positive``: over distinct means), in row blocks."""
         best = float("inf")

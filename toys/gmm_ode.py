@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,8 +81,7 @@ def _exact_ode(gmm, x_T, t_from, t_to, schedule, rtol, atol, method, return_nfe)
     if gmm.min_std() > 0:
         s_floor = 1e-6 * gmm.min_std()
     elif gmm.is_empirical:
-        spacing = gmm._min_pairwise_distance(positive=True) if gmm.num_components > 1 else 1.0
-        s_floor = 1e-2 * (spacing if math.isfinite(spacing) else 1.0)
+        s_floor = gmm.one_hot_sigma()
     else:
         raise NotImplementedError("exact ODE to sigma -> 0 for a mix of zero and positive variances; "
                                   "stop at a t_to with sigma > 0")

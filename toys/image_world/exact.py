@@ -14,7 +14,6 @@ label) and ``cond=None`` mean the unconditional mixture, so ``odecm.denoisers.CF
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -63,9 +62,8 @@ class EmpiricalDenoiser(Denoiser):
         return self.mixture.means.reshape(-1, *self.shape)
 
     def floor_sigma(self) -> float:
-        """``sigma_tilde`` below which the posterior is one-hot: 1e-2 x the smallest distance between distinct points."""
-        spacing = self.mixture._min_pairwise_distance(positive=True) if self.mixture.num_components > 1 else 1.0
-        return 1e-2 * (spacing if math.isfinite(spacing) else 1.0)
+        """``sigma_tilde`` below which the posterior is one-hot (``GaussianMixture.one_hot_sigma``)."""
+        return self.mixture.one_hot_sigma()
 
     def forward(self, x: Tensor, t: Tensor, cond: Any = None) -> Prediction:
         B = x.shape[0]
