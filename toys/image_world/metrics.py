@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from odecm.metrics import frechet_distance_features, per_sample_sq_error
+from toys import metrics as toys_metrics
 from toys.metrics import prdc
 
 Tensor = torch.Tensor
@@ -68,11 +69,14 @@ def memorisation(x: Tensor, train: Tensor, threshold: float) -> float:
     return float((nearest_distance(x, train) < threshold).double().mean())
 
 
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
 def covariance_spectrum(x: Tensor) -> Tensor:
-    """Eigenvalues of the pixel covariance of ``x (n, ...)``, descending (float64)."""
-    f = x.reshape(x.shape[0], -1).double()
-    f = f - f.mean(0)
-    return torch.linalg.eigvalsh(f.T @ f / max(f.shape[0] - 1, 1)).flip(0).clamp(min=0)
+    """Eigenvalues of the pixel covariance of ``x (n, ...)``, descending (float64; ``toys.metrics.covariance_spectrum``
+    of the flattened samples)."""
+    return toys_metrics.covariance_spectrum(_flat(x))
 
 
 def radial_power(x: Tensor) -> Tensor:
@@ -94,7 +98,7 @@ def shrinkage(x: Tensor, reference: Tensor) -> dict[str, float]:
     the radial frequency bins (excluding DC) over the reference's."""
     px, pr = radial_power(x), radial_power(reference)
     hi = slice(max(1, (px.numel() + 1) // 2), None)
-    return {"variance_ratio": float(covariance_spectrum(x).sum() / covariance_spectrum(reference).sum()),
+    return {"variance_ratio": toys_metrics.total_variance_ratio(_flat(x), _flat(reference)),
             "hf_power_ratio": float(px[hi].sum() / pr[hi].sum())}
 
 
