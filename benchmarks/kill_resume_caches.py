@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from odecm.atomic import TEMP_SUFFIX
+
 from .kill_resume_runner import Child, finish, fresh_entries, kill_moment, max_abs_diff, read_tensors, start
 
 __all__ = ["reference_worker", "latent_cache_worker", "run_reference_target", "run_latent_cache_target",
@@ -122,10 +124,11 @@ def _computed(child: Child) -> int:
 
 
 def _tmp_present(folder: Path | None, since: float) -> bool:
-    """A shard or manifest write in progress: a temporary file written since ``since`` (``time.time()``)."""
+    """A write in progress: a temporary file (``odecm.atomic``) written since ``since`` (``time.time()``) in
+    ``folder`` or its ``shards/``."""
     if folder is None:
         return False
-    is_tmp = (lambda name: name.endswith(".tmp"))
+    is_tmp = (lambda name: name.endswith(TEMP_SUFFIX))
     return bool(fresh_entries(folder, since, is_tmp) or fresh_entries(folder / "shards", since, is_tmp))
 
 
@@ -287,7 +290,7 @@ def run_latent_cache_target(work: Path, model: Path, kills: int, rng: np.random.
 
         while True:
             since = time.time()
-            writing = (lambda since=since: fresh_entries(folder_of(), since, lambda name: name.endswith(".tmp")) != [])
+            writing = (lambda since=since: _tmp_present(folder_of(), since))
             child = start("latent_cache", spec, {"out": str(cache), **kw}, logs / f"run{r}_seg{segment}.log", spawn)
             segment += 1
             if out["kills"] >= kills:
