@@ -16,7 +16,6 @@ per timestep, ``eps*`` from the exact empirical teacher and ``x_t`` drawn from t
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import torch
@@ -27,6 +26,7 @@ from odecm.config import StrictModel
 from odecm.denoisers import CFGDenoiser, Denoiser
 from odecm.optim import warmup_then
 from odecm.schedules import NoiseSchedule
+from odecm.target import EMATarget
 
 from .cache import cached_module
 from .exact import EmpiricalDenoiser
@@ -89,9 +89,8 @@ def _train_dsm(net: ConvUNet, cfg: LearnedTeacherConfig, images: Tensor, labels:
                sigma_data: float, num_classes: int, device: str, progress: bool) -> dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     den = UNetDenoiser(net, schedule, cfg.predict, sigma_data)
-    ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema_rate > 0 else None
+    ema = EMATarget(net, cfg.ema_rate)  # rate 0: no copy, the last weights are kept
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then("cosine", cfg.warmup_steps, cfg.train_steps))
     t_lo, t_hi = int(schedule.t_min), int(schedule.t_max)
     losses = []
@@ -117,13 +116,10 @@ def _train_dsm(net: ConvUNet, cfg: LearnedTeacherConfig, images: Tensor, labels:
         loss.backward()
         opt.step()
         sched.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), net.parameters()):
-                    pe.lerp_(p, 1.0 - cfg.ema_rate)
+        ema.update()
         losses.append(loss.item())
-    if ema is not None:
-        net.load_state_dict(ema.state_dict())
+    if not ema.is_stop_gradient:
+        net.load_state_dict(ema.module.state_dict())
     tail = losses[-100:] or [float("nan")]
     return {"final_loss": sum(tail) / len(tail), "train_steps": cfg.train_steps}
 
