@@ -32,8 +32,8 @@ from .common import stat
 
 Tensor = torch.Tensor
 
-__all__ = ["EvalSet", "Reference", "make_eval_set", "make_reference", "member_metrics", "reference_row", "heldout_row",
-           "fd_floor"]
+__all__ = ["EvalSet", "Reference", "make_eval_set", "make_reference", "exact_samples", "member_metrics", "reference_row",
+           "heldout_row", "fd_floor"]
 
 #: metrics computed at every budget (cheap); the rest only at the end of training
 BUDGET_KEYS = ("E_solver", "E_exact", "E_solver_pixel", "E_exact_pixel", "fd_teacher", "fd_data")
@@ -92,12 +92,23 @@ def make_reference(world: World, space: Space, teacher: Denoiser, solver: str, e
     return Reference(end, pix, world.features(pix))
 
 
+def exact_samples(world: World, ev: EvalSet) -> Reference:
+    """The evaluation set's exact ODE endpoints as samples: in the space, decoded and featurised."""
+    return Reference(ev.exact_end, ev.exact_pix, world.features(ev.exact_pix))
+
+
 def member_metrics(world: World, space: Space, out: Tensor, ref: Reference, ev: EvalSet, full: bool,
                    mem_threshold: float) -> dict[str, float]:
     """Metrics of one member's samples ``out`` (see module docstring)."""
     pix = space.decode(out)
-    feats = world.features(pix)
-    row = {"E_solver": ode_error(out, ref.chain_end), "E_exact": ode_error(out, ev.exact_end),
+    return _metrics(world, Reference(out, pix, world.features(pix)), ref, ev, full, mem_threshold)
+
+
+def _metrics(world: World, s: Reference, ref: Reference, ev: EvalSet, full: bool,
+             mem_threshold: float) -> dict[str, float]:
+    """``member_metrics`` of samples ``s`` already decoded and featurised (a ``Reference`` of them)."""
+    end, pix, feats = s.chain_end, s.chain_pix, s.chain_feats
+    row = {"E_solver": ode_error(end, ref.chain_end), "E_exact": ode_error(end, ev.exact_end),
            "E_solver_pixel": ode_error(pix, ref.chain_pix), "E_exact_pixel": ode_error(pix, ev.exact_pix),
            "fd_teacher": frechet(feats, ref.chain_feats), "fd_data": frechet(feats, world.test_features)}
     if full:
@@ -111,14 +122,13 @@ def member_metrics(world: World, space: Space, out: Tensor, ref: Reference, ev: 
     return row
 
 
-def reference_row(world: World, space: Space, name: str, solver: str, x: Tensor, ref: Reference | None, ev: EvalSet,
-                  mem_threshold: float) -> dict[str, Any]:
-    """Samples without a student (a teacher's chain, the exact ODE) scored like a member; with ``ref=None``
-    they are their own reference (E_solver and the *_teacher metrics are then trivial and dropped)."""
-    own = ref is None
-    r = ref if ref is not None else Reference(x, space.decode(x), world.features(space.decode(x)))
-    row = member_metrics(world, space, x, r, ev, True, mem_threshold)
-    if own:
+def reference_row(world: World, space: Space, name: str, solver: str, samples: Reference, ref: Reference | None,
+                  ev: EvalSet, mem_threshold: float) -> dict[str, Any]:
+    """Samples without a student (a teacher's chain, the exact ODE), given decoded and featurised, scored like
+    a member; with ``ref=None`` they are their own reference (E_solver and the *_teacher metrics are then
+    trivial and dropped)."""
+    row = _metrics(world, samples, samples if ref is None else ref, ev, True, mem_threshold)
+    if ref is None:
         row = {k: v for k, v in row.items() if not (k.startswith("E_solver") or k.endswith("_teacher")
                                                     or k in ("variance_ratio", "hf_power_ratio"))}
     return {"space": space.name, "reference": name, "solver": solver, "seed": ev.seed, **row}

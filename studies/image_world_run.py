@@ -20,7 +20,8 @@ from toys.image_world.training import build_pool, train_students
 from toys.image_world.world import build_teacher, build_world
 
 from . import common
-from .image_world_eval import fd_floor, heldout_row, make_eval_set, make_reference, member_metrics, reference_row
+from .image_world_eval import (exact_samples, fd_floor, heldout_row, make_eval_set, make_reference, member_metrics,
+                               reference_row)
 
 __all__ = ["execute", "pool_seed"]
 
@@ -77,8 +78,8 @@ def execute(cfg, progress: bool = True, quick: bool = False) -> dict[str, Any]:
             for seed in cfg.seeds:
                 ev = evals[(sp, seed)] = make_eval_set(world, world.spaces[sp], seed, cfg.eval.num_samples,
                                                        cfg.eval.seed, cfg.guidance, cfg.eval.ode_rtol, dev)
-                references.append(reference_row(world, world.spaces[sp], "exact ODE", "-", ev.exact_end, None, ev,
-                                                cfg.eval.memorisation_threshold))
+                references.append(reference_row(world, world.spaces[sp], "exact ODE", "-", exact_samples(world, ev), None,
+                                                ev, cfg.eval.memorisation_threshold))
     timings["eval_sets_and_exact_ode"] = tm.seconds
     with common.Timer() as tm:
         for sp, kind, solver in tqdm(routes, desc="references and pools", disable=not progress, leave=False):
@@ -87,7 +88,7 @@ def execute(cfg, progress: bool = True, quick: bool = False) -> dict[str, Any]:
             for seed in cfg.seeds:
                 ev = evals[(sp, seed)]
                 ref = refs[(sp, kind, solver, seed)] = make_reference(world, space, teacher, solver, ev, dev)
-                references.append(reference_row(world, space, f"{kind} teacher chain", solver, ref.chain_end, ref, ev,
+                references.append(reference_row(world, space, f"{kind} teacher chain", solver, ref, ref, ev,
                                                 cfg.eval.memorisation_threshold))
                 pools[(sp, kind, solver, seed)] = build_pool(
                     teacher, solver, world.grid, space.train, space.labels if num_classes else None, cfg.train.pool_size,
