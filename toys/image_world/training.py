@@ -187,7 +187,7 @@ def train_students(method: str, cfg: TrainConfig, student: StudentEnsemble, pool
         # 4. update
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norms = [float(torch.nn.utils.clip_grad_norm_(ps, cfg.grad_clip if cfg.grad_clip else float("inf"))) for ps in params]
+        norms = [torch.nn.utils.clip_grad_norm_(ps, cfg.grad_clip if cfg.grad_clip else float("inf")) for ps in params]
         opt.step()
         sched.step()
         target.update()
@@ -196,7 +196,7 @@ def train_students(method: str, cfg: TrainConfig, student: StudentEnsemble, pool
                 per = (out["weights"] * out["per_sample"]).reshape(E, B).mean(1)
             hist.step.append(step)
             hist.loss.append(per.tolist())
-            hist.grad_norm.append(norms)
+            hist.grad_norm.append(torch.stack(norms).tolist())  # read on logged steps only (one device sync)
             if progress:
                 bar.set_postfix(loss=f"{float(per.mean()):.3g}")
         if on_budget is not None and (step + 1) in budgets:
