@@ -243,11 +243,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
     model = None
     if any(t != "trainer" for t in targets):
-        from sdxl.tiny import build_tiny_sdxl
+        from sdxl.tiny import cached_tiny_sdxl
 
-        model = work / "tiny_sdxl"
-        if not (model / "model_index.json").exists():
-            build_tiny_sdxl(model, seed=0)
+        model = cached_tiny_sdxl(seed=0)  # built once into the working folder's cache (_isolate_caches)
     try:
         for name in targets:
             results.append(_run_target(name, work, model, args, rng))
