@@ -108,12 +108,6 @@ class SpeedConfig(StrictModel):
     scaler, which lowers the scale, and is logged as ``skipped_overflow``."""
 
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, v):
-        """``--set speed.mixed_precision=no``: YAML reads a bare ``no`` as ``false``; it means "no"."""
-        return "no" if v is False else v
     fp16_init_scale: float = Field(2.0 ** 16, gt=0, description="initial loss scale under fp16 (torch's default 2**16)")
     gradient_checkpointing: bool = True
     compile: bool = Field(False, description="torch.compile the UNet (first steps slow; fixed shapes help)")
@@ -121,6 +115,12 @@ class SpeedConfig(StrictModel):
     allow_tf32: bool = True
     attention: Literal["sdpa", "xformers", "default"] = Field(
         "sdpa", description="sdpa = torch scaled_dot_product_attention; xformers needs the xformers package")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        """``--set speed.mixed_precision=no``: YAML reads a bare ``no`` as ``false``; it means "no"."""
+        return "no" if v is False else v
 
 
 class PrecomputeConfig(StrictModel):
