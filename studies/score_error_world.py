@@ -167,7 +167,7 @@ def member_row(x: Tensor, w: TeacherWorld, sd: SeedData, solver: str, W: World) 
     row: dict[str, Any] = {k: float(v.mean()) for k, v in errs.items()}
     row.update(quality(x, sd.reference, W.gmm, ev, "p0"))
     terms = {k: errs[k].numpy() for k in ("E_solver", "E_true_ode")}
-    ps = per_sample_quality(x, sd.reference, gmm=W.gmm)
+    ps = per_sample_quality(x, gmm=W.gmm)  # nll and mode terms only: no k-NN against the reference
     terms.update({"nll_p0": ps["nll"].numpy(), "mode_precision_p0": ps["mode_good"].numpy()})
     if ev.quality_vs_teacher:
         row.update(quality(x, w.ode_samples, None, ev, "teacher", TEACHER_QUALITY_KEYS))
