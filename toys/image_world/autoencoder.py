@@ -21,7 +21,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from odecm.config import StrictModel
-from odecm.optim import warmup_then
 
 from .cache import cached_module
 
@@ -104,7 +103,7 @@ def train_autoencoder(model: KLAutoencoder, images: Tensor, progress: bool = Fal
     images = images.to(model.latent_scale.device)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then("cosine", 0, cfg.train_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(1, cfg.train_steps))))
     model.train()
     recon_hist = []
     for _ in tqdm(range(cfg.train_steps), desc="autoencoder", disable=not progress, leave=False, mininterval=2.0):

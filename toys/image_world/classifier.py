@@ -10,6 +10,7 @@ as augmentation.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from odecm.config import StrictModel
-from odecm.optim import warmup_then
 
 from .cache import cached_module
 
@@ -98,7 +98,7 @@ def train_classifier(model: DigitClassifier, images: Tensor, labels: Tensor, cfg
     """Train in place (on the model's device)."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then("cosine", 0, cfg.train_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(1, cfg.train_steps))))
     model.train()
     for _ in tqdm(range(cfg.train_steps), desc="classifier", disable=not progress, leave=False, mininterval=2.0):
         idx = torch.randint(images.shape[0], (cfg.batch_size,), generator=g)

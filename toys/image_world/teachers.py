@@ -16,6 +16,7 @@ per timestep, ``eps*`` from the exact empirical teacher and ``x_t`` drawn from t
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -24,7 +25,6 @@ from tqdm.auto import tqdm
 
 from odecm.config import StrictModel
 from odecm.denoisers import CFGDenoiser, Denoiser
-from odecm.optim import warmup_then
 from odecm.schedules import NoiseSchedule
 from odecm.target import EMATarget
 
@@ -91,7 +91,13 @@ def _train_dsm(net: ConvUNet, cfg: LearnedTeacherConfig, images: Tensor, labels:
     den = UNetDenoiser(net, schedule, cfg.predict, sigma_data)
     ema = EMATarget(net, cfg.ema_rate)  # rate 0: no copy, the last weights are kept
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then("cosine", cfg.warmup_steps, cfg.train_steps))
+
+    def lr_at(i: int) -> float:
+        if i < cfg.warmup_steps:
+            return (i + 1) / cfg.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (i - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     t_lo, t_hi = int(schedule.t_min), int(schedule.t_max)
     losses = []
     net.train()
