@@ -37,6 +37,8 @@ from toys.metrics import covariance_spectrum, finite_sample_floor, per_sample_qu
 from toys.networks import NetworkConfig
 
 from . import common, evidence
+from .cells_report import (budget_line, floor_line, markdown_table, merged_note, run_study, verdict_table,
+                           write_outputs)
 from .cells_world import (DataConfig, EvalCache, EvalConfig, EvalSet, World, WorldConfig, build_world, check_grid,
                           grid_problem, make_eval_set, make_world_schedule)
 from .seeding import SeedConfig
@@ -245,7 +247,3 @@ def run_cell(study: str, label: str, params: Mapping[str, Any], worlds: Sequence
     res.recorder = recorder if curves.enabled else None
     return res
 
-
-# tables and the entry point live in studies.cells_report (imported last: it needs nothing from here)
-from .cells_report import (budget_line, floor_line, markdown_table, merged_note, run_study,  # noqa: E402
-                           verdict_table, write_outputs)
