@@ -17,7 +17,7 @@ import torch
 
 from studies.stats import RegimeInput, classify_regimes
 
-from . import common
+from . import common, plotting
 
 __all__ = ["summarise", "verdicts", "switch_effects", "render_table", "write_outputs", "TABLE_KEYS", "LABELS"]
 
@@ -147,19 +147,10 @@ def render_table(cfg, m: dict[str, Any]) -> str:
 
 # --- figures ------------------------------------------------------------------------------------------
 
-def _save(fig, path: Path, rect=None) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout(rect=rect)
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
-
-
 def plot_samples(path: Path, cfg, samples: dict[str, torch.Tensor]) -> None:
     """Per space: the exact ODE, each teacher's chain, then every (student, method): the same x_T in every column."""
     solver = cfg.solvers[0]
-    fig, axes = common.new_figure(1, len(cfg.spaces), size=(0.5 * cfg.eval.grid_images + 2.2, 0.55 * 12))
+    fig, axes = plotting.new_figure(1, len(cfg.spaces), size=(0.5 * cfg.eval.grid_images + 2.2, 0.55 * 12))
     for a, sp in enumerate(cfg.spaces):
         rows = [("exact ODE", samples.get(f"{sp}/exact_ode"))]
         for kind in cfg.teachers:
@@ -180,12 +171,12 @@ def plot_samples(path: Path, cfg, samples: dict[str, torch.Tensor]) -> None:
         ax.set_yticklabels([r[0] for r in rows], fontsize=7)
         ax.set_xticks([])
         ax.set_title(f"{sp} space: one-step samples from shared x_T (seed {cfg.seeds[0]})", fontsize=8)
-    _save(fig, path)
+    plotting.save(fig, path)
 
 
 def plot_budget(path: Path, cfg, curves: Sequence[dict], floor: dict) -> None:
     keys = ("E_solver", "E_exact_pixel", "fd_teacher", "fd_data")
-    fig, axes = common.new_figure(len(cfg.spaces), len(keys), size=(3.1, 2.6))
+    fig, axes = plotting.new_figure(len(cfg.spaces), len(keys), size=(3.1, 2.6))
     groups: dict[tuple, dict[int, list[float]]] = {}
     for c in curves:
         for k in keys:
@@ -219,11 +210,11 @@ def plot_budget(path: Path, cfg, curves: Sequence[dict], floor: dict) -> None:
                 handles.append(h)
                 labels.append(l)
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=6.5, frameon=False)
-    _save(fig, path, rect=(0, 0.04 + 0.018 * math.ceil(len(labels) / 2), 1, 1))
+    plotting.save(fig, path, rect=(0, 0.04 + 0.018 * math.ceil(len(labels) / 2), 1, 1))
 
 
 def plot_shrinkage(path: Path, cfg, spectra: dict[str, torch.Tensor], cov: dict[str, torch.Tensor]) -> None:
-    fig, axes = common.new_figure(len(cfg.spaces), 2, size=(4.2, 3.0))
+    fig, axes = plotting.new_figure(len(cfg.spaces), 2, size=(4.2, 3.0))
     for i, sp in enumerate(cfg.spaces):
         for j, (data, name) in enumerate([(spectra, "mean 2D FFT power per radial frequency"),
                                           (cov, "pixel covariance eigenvalue")]):
@@ -248,11 +239,11 @@ def plot_shrinkage(path: Path, cfg, spectra: dict[str, torch.Tensor], cov: dict[
             ax.set_title(f"{sp} space samples (decoded), mean over seeds", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=5.5, frameon=False)
-    _save(fig, path)
+    plotting.save(fig, path)
 
 
 def plot_score_error(path: Path, score_errors: dict[str, dict]) -> None:
-    fig, axes = common.new_figure(1, 1, size=(4.0, 3.0))
+    fig, axes = plotting.new_figure(1, 1, size=(4.0, 3.0))
     ax = axes[0, 0]
     for sp, se in score_errors.items():
         ax.plot(se["t"], se["per_t"], marker="o", ms=3, label=f"learned teacher, {sp} space (mean {common.fmt(se['mean'])})")
@@ -260,7 +251,7 @@ def plot_score_error(path: Path, score_errors: dict[str, dict]) -> None:
     ax.set_xlabel("timestep t (paper indexing; t = 0 clean)", fontsize=8)
     ax.set_ylabel("E ||eps_learned - eps_exact||^2 / d", fontsize=8)
     ax.legend(fontsize=7, frameon=False)
-    _save(fig, path)
+    plotting.save(fig, path)
 
 
 def write_outputs(out: Path, cfg, metrics: dict[str, Any]) -> None:
