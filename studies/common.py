@@ -15,7 +15,7 @@
   ``odecm.cli.run_main`` prints them as one line each, without a traceback. ``distinct`` is the shared
   rule of the studies' lists (non-empty, no value twice).
 * Results folder: ``config.json`` (the fully resolved config plus ``_provenance``), ``metrics.json``,
-  ``table.md`` (also printed), plots (matplotlib, Agg backend).
+  ``table.md`` (also printed), plots (``studies.plotting``: matplotlib, Agg backend).
 * Statistics over seeds: ``stat(values) -> {"mean", "std", "values"}`` (std with ddof = 1) and
   ``fmt_stat`` ("mean ± std"); the same schema as ``studies.report``.
 * ``seeded(seed)``: a ``torch.Generator`` and the global torch / Python / NumPy RNGs set from one seed.
@@ -60,8 +60,6 @@ __all__ = [
     "fmt_stat",
     "seeded",
     "set_threads",
-    "new_figure",
-    "save_figure",
     "Timer",
     "ConfigError",
     "InputError",
@@ -328,27 +326,3 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
-
-
-# --- plots ----------------------------------------------------------------------------------------
-
-def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (3.2, 3.0), **kw):
-    """``(fig, axes)`` with the Agg backend (no display needed); ``axes`` always a 2D array."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
-    return fig, axes
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110, rect: tuple[float, float, float, float] | None = None) -> Path:
-    """Tight layout (inside ``rect`` of the figure, e.g. leaving room for a legend), save, close."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
