@@ -29,6 +29,7 @@ from odecm.grids import make_grid
 from odecm.metrics import per_sample_sq_error
 from odecm.solvers import solve
 from toys.ensemble import Route, TargetPool, make_ensemble_student, train_ensemble
+from toys.gmm import ExactGMMDenoiser
 from toys.metrics import wasserstein2
 from toys.scores import make_teacher, score_error
 
@@ -263,7 +264,7 @@ class Worlds:
         from .score_error_world import teacher_ode
 
         den, n = self.teacher(world, seed), self.cfg.eval.num_samples
-        if type(den).__name__ == "ExactGMMDenoiser":
+        if isinstance(den, ExactGMMDenoiser):
             return den.gmm.sample_p0(n, g, dtype=torch.float64)[0]
         x = self.gmm(world).sample_pt(n, self.t_T, self.schedule, generator=g, dtype=torch.float64)[0]
         return teacher_ode(den, x, self.t_T, self.t_0, self.cfg.eval)
@@ -384,7 +385,7 @@ def world_floors(cfg, plan: MapPlan, worlds: Worlds | None = None) -> dict[str, 
         if id(gmm) not in cache:
             cache[id(gmm)] = floor_of(gmm)
         den = W.teacher(world, cfg.seeds[0])
-        exact_mixture = type(den).__name__ == "ExactGMMDenoiser"
+        exact_mixture = isinstance(den, ExactGMMDenoiser)
         if cfg.teacher.kind == "exact":
             teacher_floor = cache[id(gmm)]
         else:

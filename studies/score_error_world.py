@@ -19,7 +19,7 @@ from odecm.grids import make_grid
 from odecm.metrics import per_sample_sq_error
 from odecm.solvers import get_solver, solve, solve_adaptive
 from toys.ensemble import TargetPool
-from toys.gmm import GaussianMixture, make_preset
+from toys.gmm import ExactGMMDenoiser, GaussianMixture, make_preset
 from toys.metrics import covariance_spectrum, per_sample_quality, sample_quality
 from toys.scores import make_teacher, score_error
 
@@ -71,7 +71,7 @@ def teacher_ode(den: Any, x_T: Tensor, t_from: float, t_to: float, ev) -> Tensor
     trained noise level) and, if ``t_to`` is the clean point, finished with the exact first-order
     step there, ``x0_hat(x, t_min)`` (a DDIM step to sigma = 0)."""
     gmm = getattr(den, "gmm", None)
-    if isinstance(gmm, GaussianMixture) and type(den).__name__ == "ExactGMMDenoiser":
+    if isinstance(gmm, GaussianMixture) and isinstance(den, ExactGMMDenoiser):
         return gmm.exact_ode_solution(x_T.double(), t_from, t_to, den.schedule, rtol=ev.ode_rtol, atol=ev.ode_atol)
     sch = den.schedule
     clean = float(sch.sigma(torch.tensor(float(t_to), dtype=torch.float64))) <= 0
