@@ -1,7 +1,8 @@
 """Image data of the image world: scikit-learn's digits (default, offline), a folder of images or a ``.npy`` array.
 
 Every source becomes ``(N, C, H, W)`` float32 in ``[-1, 1]`` with integer labels (0 for unlabelled
-data), optionally resized to ``resolution`` (bilinear, antialiased when shrinking), then split into a
+data), optionally resized to ``resolution`` (folder images with PIL bicubic as they are read; digits and
+``.npy`` arrays bilinear, antialiased when shrinking), then split into a
 training set and a held-out set (stratified by label, seeded). Digits: 1,797 8x8 images in 10
 classes, pixel values 0..16 mapped by ``v / 8 - 1``.
 """
